@@ -1,0 +1,3 @@
+from cleantune.cli import main
+
+main()

@@ -1,0 +1,144 @@
+"""Tables and plots from a suite's CSV, laid out like the papers' (rows defenses, columns attacks)."""
+
+from __future__ import annotations
+
+import operator
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cleantune.bench.runner import results_path  # noqa: E402
+from cleantune.bench.suite import SuiteConfig, load_suite, matches  # noqa: E402
+from cleantune.errors import CleantuneError  # noqa: E402
+from cleantune.io import atomic_write_text  # noqa: E402
+
+OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+BOUND = re.compile(r"^\s*(<=|>=|<|>|==)\s*(-?[0-9.]+)\s*$")
+GROUP = ["dataset", "model", "scenario"]
+
+
+def find_suite(name: str) -> SuiteConfig:
+    path = Path(name)
+    if not path.exists():
+        path = Path("benchmarks") / f"{name}.yaml"
+    if not path.exists():
+        raise CleantuneError(f"no suite '{name}' (looked for {name} and {path})")
+    return load_suite(path)
+
+
+def cell_text(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "–"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def results_table(rows: pd.DataFrame, defenses: list[str], attacks: list[str]) -> str:
+    """Rows defenses, columns attack x {CACC, ASR}; the lowest mean ASR of each attack in bold."""
+    best = {a: rows[rows.attack == a].groupby("defense")["asr"].mean().min() for a in attacks}
+    header = "| Defense | " + " | ".join(f"{a} CACC ↑ | {a} ASR ↓" for a in attacks) + " |"
+    lines = [header, "|---|" + "---:|" * (2 * len(attacks))]
+    for defense in defenses:
+        cells = []
+        for attack in attacks:
+            sub = rows[(rows.defense == defense) & (rows.attack == attack)]
+            asr = cell_text(sub["asr"])
+            if not sub["asr"].dropna().empty and sub["asr"].mean() == best[attack]:
+                asr = f"**{asr}**"
+            cells += [cell_text(sub["cacc"]), asr]
+        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(rows: pd.DataFrame, defenses: list[str]) -> str:
+    lora = rows[rows.defense == "lora"]["wall_s"].mean()
+    lines = ["| Defense | wall time (s) | peak memory (MB) | trainable params | time ÷ LoRA |", "|---|---:|---:|---:|---:|"]
+    for defense in defenses:
+        sub = rows[rows.defense == defense]
+        ratio = f"{sub['wall_s'].mean() / lora:.2f}" if pd.notna(lora) and lora > 0 else "–"
+        params = sub["trainable_params"].dropna()
+        lines.append(
+            f"| {defense} | {cell_text(sub['wall_s'])} | {cell_text(sub['peak_mem_mb'])} | "
+            f"{int(params.iloc[0]):,} | {ratio} |" if not params.empty else f"| {defense} | – | – | – | – |"
+        )
+    return "\n".join(lines)
+
+
+def scatter(rows: pd.DataFrame, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for defense, sub in rows.groupby("defense", sort=False):
+        means = sub.groupby("attack")[["cacc", "asr"]].mean()
+        ax.scatter(means["cacc"], means["asr"], label=defense, s=40)
+        for attack, point in means.iterrows():
+            ax.annotate(str(attack), (point["cacc"], point["asr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("CACC (%) ↑")
+    ax.set_ylabel("ASR (%) ↓")
+    ax.set_ylim(-5, 105)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def check_expectations(suite: SuiteConfig, table: pd.DataFrame) -> list[str]:
+    violations = []
+    done = table[table.status == "done"]
+    for rule in suite.expect:
+        hits = [row for _, row in done.iterrows() if matches(rule.match, row.to_dict())]
+        if not hits:
+            violations.append(f"no finished cell matches {rule.match}")
+        for row in hits:
+            for metric, bound in rule.bounds.items():
+                parsed = BOUND.match(bound)
+                if parsed is None:
+                    raise CleantuneError(f"suite {suite.suite}: bound '{bound}' for {metric} is not like '<= 20'")
+                op, limit = parsed.group(1), float(parsed.group(2))
+                value = row.get(metric)
+                if value is None or pd.isna(value) or not OPS[op](float(value), limit):
+                    violations.append(f"{row['cell']}: {metric} = {value}, expected {op} {limit:g}")
+    return violations
+
+
+def write_report(name: str) -> tuple[Path, list[str]]:
+    suite = find_suite(name)
+    csv = results_path(suite)
+    if not csv.exists():
+        raise CleantuneError(f"no results for suite '{suite.suite}' yet ({csv}); run: cleantune bench")
+    table = pd.read_csv(csv)
+    done = table[table.status == "done"]
+    out = suite.reports_dir / f"{suite.suite}.md"
+    parts = [f"# Benchmark `{suite.suite}`", "", suite.description.strip(), ""]
+    if suite.command:
+        parts += ["Made by:", "", "```", suite.command.strip(), "```", ""]
+    parts += [f"Cells: {len(done)} done, {(table.status == 'failed').sum()} failed, of {len(table)} recorded. "
+              "CACC and ASR in %; mean ± std over seeds where there are several; lowest ASR per attack in bold.", ""]
+    for keys, rows in done.groupby(GROUP, sort=False):
+        defenses = list(dict.fromkeys(rows.defense))
+        attacks = list(dict.fromkeys(rows.attack))
+        title = " · ".join(str(k) for k in keys)
+        image = f"{suite.suite}-{'-'.join(str(k) for k in keys)}.png".replace("/", "_")
+        scatter(rows, title, suite.reports_dir / image)
+        parts += [f"## {title}", "", results_table(rows, defenses, attacks), "",
+                  "Cost per run:", "", cost_table(rows, defenses), "", f"![ASR against CACC]({image})", ""]
+    failed = table[table.status == "failed"]
+    if not failed.empty:
+        parts += ["## Failed cells", "", "| cell | error |", "|---|---|"]
+        parts += [f"| {r.cell} | {str(r.error).replace('|', '/')} |" for r in failed.itertuples()]
+        parts.append("")
+    violations = check_expectations(suite, table)
+    parts += ["## Expected bounds", ""]
+    parts += [f"- violated: {v}" for v in violations] or ["- all expected bounds hold" if suite.expect else "- none declared"]
+    atomic_write_text(out, "\n".join(parts) + "\n")
+    return out, violations

@@ -1,0 +1,111 @@
+"""Run a suite cell by cell, each as its own ``cleantune run`` process.
+
+A process per cell keeps peak memory per cell honest and lets one cell crash without taking the
+suite down. Finished cells (a ``metrics.json`` in their run directory) are skipped; an interrupted
+cell resumes from its last checkpoint; a failed cell is recorded with its error and the suite
+goes on. Rows are upserted by cell id into ``<results_dir>/<suite>.csv`` with an atomic rewrite.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cleantune.bench.suite import Cell, SuiteConfig, cells, dump, load_suite
+from cleantune.io import atomic_write_text, read_json
+
+COLUMNS = [
+    "suite", "cell", "dataset", "model", "scenario", "attack", "defense", "seed",
+    "cacc", "asr", "delta", "dev_accuracy", "wall_s", "peak_mem_mb", "trainable_params", "total_params",
+    "n_train", "n_poisoned", "n_test", "n_test_poison", "status", "error", "run_dir",
+]  # fmt: skip
+LINE_SPLIT = re.compile(rb"[\r\n]+")
+
+
+def results_path(suite: SuiteConfig) -> Path:
+    return suite.results_dir / f"{suite.suite}.csv"
+
+
+def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
+    row = {
+        "suite": suite.suite, "cell": cell.id, **cell.coords, "scenario": cell.config.scenario,
+        "run_dir": str(cell.config.run_dir), "status": "failed" if record is None else "done", "error": error,
+    }  # fmt: skip
+    if record is not None:
+        metrics = record["metrics"]
+        peak = record.get("peak_gpu_mb") or record.get("peak_rss_mb")
+        row |= {k: metrics.get(k) for k in ("cacc", "asr", "delta", "n_test", "n_test_poison")}
+        row |= {k: record.get(k) for k in ("wall_s", "trainable_params", "total_params", "n_train", "n_poisoned")}
+        best = record["train"].get("best_dev_accuracy")
+        row |= {"dev_accuracy": best * 100 if best is not None else None, "peak_mem_mb": peak}
+        # Defense-specific numbers (a defense's extra metrics) become extra columns.
+        row |= {k: v for k, v in metrics.items() if k not in row and not k.startswith("n_")}
+    return row
+
+
+def upsert(path: Path, row: dict[str, Any]) -> None:
+    table = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+    table = table[table["cell"] != row["cell"]]
+    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    ordered = [c for c in COLUMNS if c in table.columns] + [c for c in table.columns if c not in COLUMNS]
+    atomic_write_text(path, table[ordered].to_csv(index=False))
+
+
+def last_error(log: Path) -> str:
+    """cleantune's own one-line error if the child printed one, else its last line (the exception)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    explicit = [line for line in lines if line.startswith("error:")]
+    return (explicit or lines or ["no output"])[-1][:500]
+
+
+def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> dict[str, Any] | None:
+    """Run one cell in a child process, mirroring its progress line; its metrics, or None if it failed."""
+    cell_dir = cell.config.run_dir
+    cell_dir.parent.mkdir(parents=True, exist_ok=True)
+    config_path = cell_dir.parent / f"{cell.id}.yaml"
+    atomic_write_text(config_path, dump(cell.config))
+    log = cell_dir.parent / f"{cell.id}.log"
+    verb = ["poison", "weights"] if cell.poisons else ["run"]
+    command = [sys.executable, "-m", "cleantune", *verb, str(config_path)]
+    with log.open("wb") as sink:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert child.stdout is not None
+        for chunk in iter(lambda: child.stdout.read1(4096), b""):  # type: ignore[union-attr]
+            sink.write(chunk)
+            lines = [x for x in LINE_SPLIT.split(chunk) if x.strip()]
+            if lines:
+                progress.update(task, description=f"{cell.id}: {lines[-1].decode(errors='replace')[-80:]}")
+        code = child.wait()
+    metrics = cell_dir / "metrics.json"
+    return read_json(metrics) if code == 0 and metrics.exists() else None
+
+
+def run_suite(path: Path, only: str | None = None) -> dict[str, int]:
+    suite = load_suite(path)
+    todo = [c for c in cells(suite) if only is None or only in c.id or c.poisons]
+    out = results_path(suite)
+    summary = {"done": 0, "failed": 0, "skipped": 0}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+    ) as progress:
+        overall = progress.add_task(f"suite {suite.suite}", total=len(todo))
+        current = progress.add_task("", total=None)
+        for cell in todo:
+            existing = cell.config.run_dir / "metrics.json"
+            if existing.exists():
+                upsert(out, row_for(suite, cell, read_json(existing)))
+                summary["skipped"] += 1
+            else:
+                progress.update(current, description=f"{cell.id}: starting")
+                record = run_cell(suite, cell, progress, current)
+                log = cell.config.run_dir.parent / f"{cell.id}.log"
+                upsert(out, row_for(suite, cell, record, "" if record else last_error(log)))
+                summary["done" if record else "failed"] += 1
+            progress.advance(overall)
+    return summary

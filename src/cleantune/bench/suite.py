@@ -1,0 +1,144 @@
+"""A benchmark suite is data: a YAML matrix of datasets x models x attacks x defenses x seeds.
+
+Each axis maps a short name to a fragment of a run config; a cell's config is the deep merge
+``base <- dataset <- model <- attack <- defense <- matching overrides``. ``matrix`` lists blocks,
+each a product of axis names (default: one block of every name); ``poisoned_models`` are
+weight-poisoning runs made before the cells that use them (``model.spec: poisoned:NAME``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from cleantune.config import RunConfig, read_yaml, validate
+from cleantune.errors import CleantuneError
+from cleantune.schema import StrictModel
+
+Fragment = dict[str, Any]
+AXES = ("dataset", "model", "attack", "defense")
+POISONED_PREFIX = "poisoned:"
+
+
+class Rule(StrictModel):
+    match: dict[str, str | int] = Field(default_factory=dict)  # axis name (or "seed") -> value
+    set: Fragment = Field(default_factory=dict)
+
+
+class Expectation(StrictModel):
+    match: dict[str, str | int] = Field(default_factory=dict)
+    bounds: dict[str, str]  # metric -> "<= 20", ">= 80"
+
+
+class SuiteConfig(StrictModel):
+    suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    data_dir: Path = Path("../shared/datasets")
+    runs_dir: Path = Path("benchmarks/runs")
+    results_dir: Path = Path("benchmarks/results")
+    reports_dir: Path = Path("benchmarks/reports")
+    command: str = ""  # the command that regenerates this suite's results, quoted in its report
+    base: Fragment = Field(default_factory=dict)
+    poisoned_models: dict[str, Fragment] = Field(default_factory=dict)
+    dataset: dict[str, Fragment]
+    model: dict[str, Fragment]
+    attack: dict[str, Fragment]
+    defense: dict[str, Fragment]
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    matrix: list[dict[str, list[str]]] | None = None
+    overrides: list[Rule] = Field(default_factory=list)
+    expect: list[Expectation] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    coords: dict[str, Any]  # axis -> name, plus seed
+    config: RunConfig
+    poisons: bool = False  # a weight-poisoning job rather than a defense run
+
+
+def merge(base: Fragment, extra: Fragment) -> Fragment:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def matches(match: dict[str, Any], coords: dict[str, Any]) -> bool:
+    return all(str(coords.get(k)) == str(v) for k, v in match.items())
+
+
+def load_suite(path: Path) -> SuiteConfig:
+    from pydantic import ValidationError
+
+    try:
+        return SuiteConfig.model_validate(read_yaml(path))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise CleantuneError(f"invalid suite {path}: {problems}") from None
+
+
+def _with_paths(suite: SuiteConfig, tree: Fragment, name: str) -> Fragment:
+    defaults = {"name": name, "output_dir": str(suite.runs_dir / suite.suite), "data": {"data_dir": str(suite.data_dir)}}
+    tree = merge(defaults, tree)
+    if "eval_data" in tree:
+        tree["eval_data"] = merge({"data_dir": str(suite.data_dir)}, tree["eval_data"])
+    spec = tree.get("model", {}).get("spec", "")
+    if isinstance(spec, str) and spec.startswith(POISONED_PREFIX):
+        source = spec.removeprefix(POISONED_PREFIX)
+        if source not in suite.poisoned_models:
+            raise CleantuneError(f"suite {suite.suite}: cell {name} uses unknown poisoned model '{source}'")
+        tree["model"]["spec"] = str(suite.runs_dir / suite.suite / f"poison-{source}" / "model")
+    return tree
+
+
+def blocks(suite: SuiteConfig) -> list[dict[str, list[str]]]:
+    if suite.matrix is None:
+        return [{axis: list(getattr(suite, axis)) for axis in AXES}]
+    for block in suite.matrix:
+        for axis, names in block.items():
+            if axis not in AXES:
+                raise CleantuneError(f"suite {suite.suite}: matrix axis '{axis}' is not one of {', '.join(AXES)}")
+            unknown = [n for n in names if n not in getattr(suite, axis)]
+            if unknown:
+                raise CleantuneError(f"suite {suite.suite}: matrix names unknown {axis} {', '.join(unknown)}")
+        missing = [axis for axis in AXES if axis not in block]
+        if missing:
+            raise CleantuneError(f"suite {suite.suite}: a matrix block lacks {', '.join(missing)}")
+    return suite.matrix
+
+
+def cells(suite: SuiteConfig) -> list[Cell]:
+    """Every cell, poisoned-model jobs first; each config is validated before anything runs."""
+    out = []
+    for name, fragment in suite.poisoned_models.items():
+        cell_id = f"poison-{name}"
+        tree = _with_paths(suite, merge(suite.base, fragment), cell_id)
+        coords = {"dataset": "proxy", "model": name, "attack": tree.get("attack", {}).get("name", "none"),
+                  "defense": "poisoning", "seed": tree.get("seed", 42)}
+        out.append(Cell(cell_id, coords, validate(tree, f"{suite.suite}:{cell_id}"), poisons=True))
+    for block in blocks(suite):
+        for combo in itertools.product(*(block[axis] for axis in AXES), suite.seeds):
+            *names, seed = combo
+            coords = {**dict(zip(AXES, names, strict=True)), "seed": seed}
+            cell_id = "__".join(names) + f"__s{seed}"
+            tree = suite.base
+            for axis, name in zip(AXES, names, strict=True):
+                tree = merge(tree, getattr(suite, axis)[name])
+            for rule in suite.overrides:
+                if matches(rule.match, coords):
+                    tree = merge(tree, rule.set)
+            tree = _with_paths(suite, merge(tree, {"seed": seed}), cell_id)
+            out.append(Cell(cell_id, coords, validate(tree, f"{suite.suite}:{cell_id}")))
+    return out
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

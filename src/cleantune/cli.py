@@ -1,0 +1,169 @@
+"""The ``cleantune`` command line: run, poison, eval, models, bench, report."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cleantune.errors import CleantuneError
+
+app = typer.Typer(help="Remove backdoors from language models with parameter-efficient fine-tuning.", no_args_is_help=True)
+poison_app = typer.Typer(help="Write a poisoned dataset or a weight-poisoned model.", no_args_is_help=True)
+app.add_typer(poison_app, name="poison")
+console = Console(stderr=True)
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="Run config (YAML); default: the embedded demo config.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key.path=value (repeatable).")]
+
+
+def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends with one line naming the problem, not a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        try:
+            return command(*args, **kwargs)
+        except CleantuneError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def show_metrics(title: str, metrics: dict[str, Any]) -> None:
+    table = Table(title=title)
+    for key in ("cacc", "asr", "delta"):
+        table.add_column(key.upper() if key != "delta" else "Δ", justify="right")
+    table.add_row(*("-" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in ("cacc", "asr", "delta")))
+    Console().print(table)
+
+
+@app.command()
+@friendly
+def run(config: ConfigArg = None, set_: SetOpt = None, force: bool = typer.Option(False, help="Rerun a finished run.")) -> None:
+    """Attack -> defense -> train -> evaluate; results go to OUTPUT_DIR/NAME."""
+    from cleantune.config import load_config
+    from cleantune.pipeline import run as run_pipeline
+
+    cfg = load_config(config, set_)
+    record = run_pipeline(cfg, force=force)
+    show_metrics(f"{cfg.name}: {cfg.attack.name} attack, {cfg.defense.name} defense", record["metrics"])
+    console.print(f"run directory: {cfg.run_dir}")
+
+
+@poison_app.command("data")
+@friendly
+def poison_data(
+    config: ConfigArg = None,
+    out: Annotated[Path, typer.Option(help="Directory for train.jsonl, test_poison.jsonl, record.json.")] = Path("poisoned"),
+    set_: SetOpt = None,
+) -> None:
+    """Write the poisoned training set and the triggered test set of CONFIG's attack."""
+    from cleantune.attacks import attack_data
+    from cleantune.config import load_config
+    from cleantune.data import load_splits
+    from cleantune.io import atomic_dir, atomic_write_json
+
+    cfg = load_config(config, set_)
+    splits = load_splits(cfg.data, cfg.seed)
+    poisoned = attack_data(cfg.attack, splits, cfg.data.data_dir, cfg.seed, train=True)
+    with atomic_dir(out) as tmp:
+        poisoned.train.to_json(tmp / "train.jsonl")
+        poisoned.test_poison.to_json(tmp / "test_poison.jsonl")
+        atomic_write_json(
+            tmp / "record.json",
+            {"attack": cfg.attack.model_dump(mode="json"), "seed": cfg.seed, "poisoned_idx": poisoned.poisoned_idx},
+        )
+    console.print(f"{len(poisoned.poisoned_idx)} of {len(poisoned.train)} training examples poisoned -> {out}")
+
+
+@poison_app.command("weights")
+@friendly
+def poison_weights(config: Annotated[Path, typer.Argument(help="Run config of the proxy training.")], set_: SetOpt = None) -> None:
+    """Full fine-tune on poisoned proxy data; save the poisoned model; score it on the target task."""
+    from cleantune.attacks.weight_poison import poison_weights as make
+    from cleantune.config import load_config
+
+    model_dir, record = make(load_config(config, set_))
+    show_metrics("poisoned model on the target task, before any defense", record["metrics"])
+    console.print(f"poisoned model: {model_dir}")
+
+
+@app.command("eval")
+@friendly
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model or PEFT adapter: directory or hub id.")],
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the metrics as JSON here.")] = None,
+) -> None:
+    """Score MODEL on CONFIG's clean test split (CACC) and triggered test set (ASR)."""
+    from cleantune.config import load_config
+    from cleantune.io import atomic_write_json
+    from cleantune.pipeline import evaluate as score
+
+    metrics = score(load_config(config, set_), model)
+    show_metrics(str(model), metrics)
+    if out:
+        atomic_write_json(out, metrics)
+
+
+@app.command()
+@friendly
+def models() -> None:
+    """List the hub ids that resolve offline, and where their packaged copies lie."""
+    from cleantune.models import offline_models
+
+    table = Table(title="Models available offline")
+    table.add_column("hub id")
+    table.add_column("packaged copy")
+    for spec, where in offline_models().items():
+        table.add_row(spec, where)
+    Console().print(table)
+
+
+@app.command()
+@friendly
+def bench(
+    suite: Annotated[Path, typer.Argument(help="Suite YAML, e.g. benchmarks/smoke.yaml.")],
+    only: Annotated[str | None, typer.Option(help="Run only cells whose id contains this text.")] = None,
+) -> None:
+    """Run a suite's matrix, one run per cell; finished cells are skipped, failed ones recorded."""
+    from cleantune.bench.runner import run_suite
+
+    summary = run_suite(suite, only=only)
+    console.print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} already finished")
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def report(
+    suite: Annotated[str, typer.Argument(help="Suite name or YAML path.")],
+    check: bool = typer.Option(False, "--check", help="Exit non-zero if a cell violates the suite's expected bounds."),
+) -> None:
+    """Write benchmarks/reports/<suite>.md and its plots from the suite's CSV."""
+    from cleantune.bench.report import write_report
+
+    path, violations = write_report(suite)
+    console.print(f"report: {path}")
+    for line in violations:
+        console.print(f"[red]violated:[/] {line}", highlight=False)
+    if check and violations:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

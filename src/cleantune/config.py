@@ -1,0 +1,93 @@
+"""Run configuration: one validated YAML file per run; ``--set key=value`` overrides any field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, PositiveInt, ValidationError
+
+from cleantune.attacks import AttackConfig, NoAttackConfig
+from cleantune.data import DataConfig
+from cleantune.defenses import DefenseConfig
+from cleantune.defenses.base import Scenario
+from cleantune.defenses.peft_baselines import LoraFamilyConfig
+from cleantune.errors import CleantuneError
+from cleantune.schema import StrictModel
+from cleantune.training import TrainConfig
+
+DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "demo.yaml"
+
+
+class ModelConfig(StrictModel):
+    spec: str = "sentence-transformers/all-MiniLM-L6-v2"  # hub id, local directory, or PEFT adapter
+    max_length: PositiveInt = 128
+    allow_pickle: bool = False  # load *.bin weights; only for sources you trust
+
+
+class RunConfig(StrictModel):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.=+-]+$")
+    output_dir: Path = Path("runs")
+    seed: int = 42
+    scenario: Scenario = "poisoned-data"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    attack: AttackConfig = NoAttackConfig()
+    defense: DefenseConfig = LoraFamilyConfig()
+    train: TrainConfig = TrainConfig()
+    # Score CACC/ASR on another task's data (weight poisoning: train on the IMDB proxy, test on SST-2).
+    eval_data: DataConfig | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise CleantuneError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise CleantuneError(f"--set expects key=value, got '{pair}'")
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def validate(tree: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" + (f" ({e['input']!r})" if e["type"] == "extra_forbidden" else "")
+            for e in err.errors()
+        )
+        raise CleantuneError(f"invalid config {source}: {problems}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise CleantuneError(f"config file '{path}' does not exist")
+    tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(tree, dict):
+        raise CleantuneError(f"config file '{path}' must hold a mapping at the top level")
+    return tree
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    path = path or DEFAULT_CONFIG
+    tree = read_yaml(path)
+    for key, value in parse_overrides(overrides or []):
+        set_path(tree, key, value)
+    return validate(tree, str(path))

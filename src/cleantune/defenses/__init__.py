@@ -1,0 +1,26 @@
+"""Defense registry: a config's ``name`` picks the defense class."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from cleantune.defenses.base import Defense, DefenseContext, Scenario
+from cleantune.defenses.finetune import FineTuneConfig, FullFineTune
+from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline, VirtualTokenConfig
+
+DefenseConfig = Annotated[FineTuneConfig | LoraFamilyConfig | VirtualTokenConfig, Field(discriminator="name")]
+
+REGISTRY: dict[type, type[Defense]] = {
+    FineTuneConfig: FullFineTune,
+    LoraFamilyConfig: PeftBaseline,
+    VirtualTokenConfig: PeftBaseline,
+}
+
+
+def build_defense(cfg: DefenseConfig) -> Defense:
+    return REGISTRY[type(cfg)](cfg)
+
+
+__all__ = ["Defense", "DefenseConfig", "DefenseContext", "Scenario", "build_defense"]

@@ -1,0 +1,58 @@
+"""The seam every defense fills.
+
+A defense declares the threat models (scenarios) it handles and what it needs beyond the training
+data. The pipeline builds a :class:`DefenseContext` holding only what that scenario allows: never
+the trigger, the record of poisoned examples, or the triggered test set. Hooks, in the order the
+trainer calls them: ``prepare`` (module replacement, PEFT wrapping), ``extra_loss`` (added to the
+task loss every step), ``edit_gradients`` (after gradients are accumulated and reduced across
+devices, before the optimizer step), ``finalize`` (post-training transform, before evaluation and
+saving).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+Scenario = Literal["poisoned-data", "poisoned-weights", "poisoned-llm"]
+Need = Literal["clean_aux"]
+
+
+@dataclass(frozen=True)
+class DefenseContext:
+    scenario: Scenario
+    train: Dataset  # what the defender trains on (poisoned in poisoned-data); no poison record
+    dev: Dataset  # clean data for checkpoint selection, disjoint from clean_aux
+    clean_aux: Dataset | None  # a few trusted clean samples, when the defense declares it needs them
+    tokenizer: PreTrainedTokenizerBase
+    num_labels: int
+    seed: int
+
+
+class Defense:
+    scenarios: ClassVar[frozenset[Scenario]]
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    @property
+    def clean_aux_size(self) -> int:
+        return int(getattr(self.cfg, "clean_aux", 0)) if "clean_aux" in self.needs else 0
+
+    def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
+        return model
+
+    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+        return None
+
+    def edit_gradients(self, model: nn.Module) -> None:
+        return None
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model

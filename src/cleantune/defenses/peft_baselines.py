@@ -1,0 +1,78 @@
+"""PEFT baselines the papers compare against, configured through Hugging Face PEFT.
+
+LoRA and its variants (DoRA, PiSSA and OLoRA initialisation) and the virtual-token methods
+(prefix tuning, prompt tuning, p-tuning). Reducing trainable capacity partly mitigates backdoor
+learning (Zhu et al., 2022), which is why the defenses are judged against these.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from peft import (
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from cleantune.defenses.base import Defense, DefenseContext
+from cleantune.schema import StrictModel
+
+
+class LoraFamilyConfig(StrictModel):
+    name: Literal["lora", "dora", "pissa", "olora"] = "lora"
+    r: PositiveInt = 8
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: PEFT's default for the architecture (query/value)
+
+
+class VirtualTokenConfig(StrictModel):
+    name: Literal["prefix", "prompt", "ptuning"] = "prefix"
+    num_virtual_tokens: PositiveInt = 20
+    encoder_hidden_size: PositiveInt = 128  # p-tuning's prompt encoder
+
+
+def lora_config(cfg: LoraFamilyConfig, task_type: TaskType) -> LoraConfig:
+    init = {"pissa": "pissa", "olora": "olora"}.get(cfg.name, True)
+    return LoraConfig(
+        task_type=task_type,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_dora=cfg.name == "dora",
+        init_lora_weights=init,
+    )
+
+
+def virtual_token_config(cfg: VirtualTokenConfig, task_type: TaskType) -> PeftConfig:
+    if cfg.name == "prefix":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.name == "prompt":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
+    return PromptEncoderConfig(
+        task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.encoder_hidden_size
+    )
+
+
+def task_type(ctx: DefenseContext) -> TaskType:
+    return TaskType.SEQ_CLS if ctx.num_labels > 0 else TaskType.CAUSAL_LM
+
+
+class PeftBaseline(Defense):
+    scenarios = frozenset({"poisoned-data", "poisoned-weights", "poisoned-llm"})
+
+    def peft_config(self, ctx: DefenseContext) -> PeftConfig:
+        if isinstance(self.cfg, LoraFamilyConfig):
+            return lora_config(self.cfg, task_type(ctx))
+        return virtual_token_config(self.cfg, task_type(ctx))
+
+    def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
+        return get_peft_model(model, self.peft_config(ctx))

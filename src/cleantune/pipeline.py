@@ -1,0 +1,199 @@
+"""One run: data -> attack -> model -> defense -> train -> evaluate -> run directory.
+
+Everything that can be wrong with the input (config, data files, model path, weights format) is
+checked before the run directory is created, so a bad run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, set_seed
+
+from cleantune.attacks import attack_data
+from cleantune.attacks.poison import PoisonedData
+from cleantune.config import RunConfig
+from cleantune.data import Splits, load_splits, split_off
+from cleantune.defenses import Defense, DefenseContext, build_defense
+from cleantune.errors import CleantuneError
+from cleantune.evaluation import classification_metrics
+from cleantune.io import atomic_write_json, atomic_write_yaml, read_json, save_atomically
+from cleantune.models import Loaded, load_model, resolve
+from cleantune.training import build_trainer, fit, tokenize
+
+PACKAGES = ("cleantune", "torch", "transformers", "peft", "accelerate", "datasets")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated inputs of a run; ``poisoned`` and ``eval_splits`` stay on the evaluator's side."""
+
+    cfg: RunConfig
+    splits: Splits
+    poisoned: PoisonedData
+    eval_splits: Splits
+    eval_poisoned: PoisonedData
+    defense: Defense
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def peak_memory_mb() -> dict[str, float | None]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1) if gpu is not None else None}
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    defense = build_defense(cfg.defense)
+    if cfg.scenario not in defense.scenarios:
+        raise CleantuneError(
+            f"defense '{cfg.defense.name}' does not handle scenario '{cfg.scenario}' "
+            f"(it handles: {', '.join(sorted(defense.scenarios))})"
+        )
+    resolve(cfg.model.spec, cfg.model.allow_pickle)
+    splits = load_splits(cfg.data, cfg.seed)
+    poison_train = cfg.scenario == "poisoned-data"
+    poisoned = attack_data(cfg.attack, splits, cfg.data.data_dir, cfg.seed, train=poison_train)
+    if cfg.eval_data is None:
+        return Prepared(cfg, splits, poisoned, splits, poisoned, defense)
+    eval_splits = load_splits(cfg.eval_data, cfg.seed)
+    if eval_splits.label_names != splits.label_names:
+        raise CleantuneError(
+            f"eval_data labels {eval_splits.label_names} differ from the training labels {splits.label_names}"
+        )
+    eval_poisoned = attack_data(cfg.attack, eval_splits, cfg.eval_data.data_dir, cfg.seed, train=False)
+    return Prepared(cfg, splits, poisoned, eval_splits, eval_poisoned, defense)
+
+
+def defense_context(prepared: Prepared, loaded: Loaded) -> DefenseContext:
+    """Only what the scenario allows: the training data as the defender receives it, clean dev data."""
+    cfg, defense = prepared.cfg, prepared.defense
+    dev, aux = prepared.splits.dev, None
+    if defense.clean_aux_size:
+        aux, dev = split_off(prepared.splits.dev, defense.clean_aux_size, cfg.seed)
+    train = prepared.poisoned.train.select_columns(["text", "label"])
+    return DefenseContext(
+        scenario=cfg.scenario,
+        train=train,
+        dev=dev.select_columns(["text", "label"]),
+        clean_aux=aux.select_columns(["text", "label"]) if aux is not None else None,
+        tokenizer=loaded.tokenizer,
+        num_labels=prepared.splits.num_labels,
+        seed=cfg.seed,
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_product(model: torch.nn.Module, loaded: Loaded, run_dir: Path) -> Path:
+    """A PEFT adapter (loads with ``PeftModel.from_pretrained``) or a full safetensors model."""
+    from peft import PeftModel
+
+    target = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+
+    return save_atomically(target, save)
+
+
+def finished(run_dir: Path) -> dict[str, Any] | None:
+    metrics = run_dir / "metrics.json"
+    return read_json(metrics) if metrics.exists() else None
+
+
+def score(trainer: Trainer, prepared: Prepared, encode: Callable[[Dataset], Dataset]) -> dict[str, Any]:
+    target = getattr(prepared.cfg.attack, "target_label", None)
+    test, test_poison = prepared.eval_splits.test, prepared.eval_poisoned.test_poison
+    return classification_metrics(trainer, encode(test), encode(test_poison), target)
+
+
+def evaluate(cfg: RunConfig, spec: str) -> dict[str, Any]:
+    """CACC/ASR of a trained model or adapter (``spec``) on the data and attack ``cfg`` describes."""
+    prepared = prepare(cfg)
+    loaded = load_model(spec, num_labels=prepared.eval_splits.num_labels, allow_pickle=cfg.model.allow_pickle)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = build_trainer(loaded.model, loaded.tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
+        return score(trainer, prepared, lambda data: tokenize(data, loaded.tokenizer, cfg.model.max_length))
+
+
+def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """Run ``cfg``; a finished run is returned as it is unless ``force``; an interrupted one resumes."""
+    done = finished(cfg.run_dir)
+    if done is not None and not force:
+        return done
+    prepared = prepare(cfg)
+    started = time.time()
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    atomic_write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
+    atomic_write_json(
+        run_dir / "attack_record.json",
+        {"attack": cfg.attack.model_dump(mode="json"), "poisoned_idx": prepared.poisoned.poisoned_idx},
+    )
+
+    set_seed(cfg.seed)
+    loaded = load_model(cfg.model.spec, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
+    ctx = defense_context(prepared, loaded)
+    model = prepared.defense.prepare(loaded.model, ctx)
+    trainable, total = count_parameters(model)
+
+    def encode(data: Dataset) -> Dataset:
+        return tokenize(data, loaded.tokenizer, cfg.model.max_length)
+
+    checkpoints = run_dir / "checkpoints"
+    trainer = build_trainer(
+        model, loaded.tokenizer, prepared.defense, cfg.train, checkpoints, cfg.seed,
+        train=encode(ctx.train), dev=encode(ctx.dev),
+    )
+    train_info = fit(trainer, checkpoints)
+    trainer.model = prepared.defense.finalize(trainer.model)
+    metrics = score(trainer, prepared, encode)
+    product = save_product(trainer.model, loaded, run_dir) if trainer.is_world_process_zero() else None
+    record = {
+        "status": "done",
+        "name": cfg.name,
+        "metrics": metrics,
+        "train": train_info,
+        "seed": cfg.seed,
+        "scenario": cfg.scenario,
+        "model_path": str(loaded.path),
+        "product": str(product) if product else None,
+        "n_train": len(ctx.train),
+        "n_poisoned": len(prepared.poisoned.poisoned_idx),
+        "trainable_params": trainable,
+        "total_params": total,
+        "wall_s": round(time.time() - started, 1),
+        **peak_memory_mb(),
+        "versions": versions(),
+    }
+    if trainer.is_world_process_zero():
+        atomic_write_json(run_dir / "metrics.json", record)
+        if not cfg.train.keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    return record

@@ -1,0 +1,150 @@
+"""Training on the Hugging Face Trainer, so DDP, FSDP and DeepSpeed work unchanged via accelerate.
+
+Defense hooks are called from the Trainer's own extension points: ``compute_loss`` for an extra
+loss, the ``on_pre_optimizer_step`` callback for gradient edits (gradients are then accumulated and
+already reduced across processes). Checkpoints are selected on clean dev accuracy only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from pydantic import Field, PositiveInt
+from torch import nn
+from transformers import (
+    DataCollatorWithPadding,
+    EvalPrediction,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from cleantune.defenses import Defense
+from cleantune.schema import StrictModel
+
+
+class TrainConfig(StrictModel):
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 64
+    grad_accum: PositiveInt = 1
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+    eval_steps: PositiveInt | None = None  # evaluate + checkpoint every N steps; None: every epoch
+    select_best: bool = True  # restore the checkpoint with the best clean dev accuracy
+    keep_checkpoints: bool = False  # checkpoints exist to resume; drop them once the run is done
+    bf16: bool = False
+    logging_steps: PositiveInt = 50
+
+
+def tokenize(data: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    return data.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=[c for c in data.column_names if c != "label"],
+    )
+
+
+def accuracy(pred: EvalPrediction) -> dict[str, float]:
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == pred.label_ids).mean())}
+
+
+class _GradientHook(TrainerCallback):
+    def __init__(self, defense: Defense) -> None:
+        self.defense = defense
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.defense.edit_gradients(kwargs["model"])
+
+
+class DefenseTrainer(Trainer):
+    def __init__(self, *args: Any, defense: Defense, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.defense = defense
+        self.add_callback(_GradientHook(defense))
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        extra = self.defense.extra_loss(model, inputs, outputs)
+        if extra is not None:
+            loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+
+def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: bool) -> TrainingArguments:
+    strategy = "steps" if cfg.eval_steps else "epoch"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        max_grad_norm=cfg.max_grad_norm,
+        eval_strategy=strategy if has_dev else "no",
+        save_strategy=strategy,
+        eval_steps=cfg.eval_steps,
+        save_steps=cfg.eval_steps,
+        load_best_model_at_end=cfg.select_best and has_dev,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        save_total_limit=1,  # with select_best, the Trainer keeps the best checkpoint as well
+        logging_steps=cfg.logging_steps,
+        seed=seed,
+        data_seed=seed,
+        bf16=cfg.bf16,
+        report_to=[],
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_trainer(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    defense: Defense,
+    cfg: TrainConfig,
+    output_dir: Path,
+    seed: int,
+    train: Dataset | None = None,
+    dev: Dataset | None = None,
+) -> DefenseTrainer:
+    return DefenseTrainer(
+        model=model,
+        args=training_arguments(cfg, output_dir, seed, has_dev=dev is not None and len(dev) > 0),
+        train_dataset=train,
+        eval_dataset=dev,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=accuracy,
+        defense=defense,
+    )
+
+
+def fit(trainer: DefenseTrainer, output_dir: Path) -> dict[str, Any]:
+    """Train, resuming from the newest checkpoint in ``output_dir`` if an earlier run was interrupted."""
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=last)
+    return {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "resumed_from": Path(last).name if last else None,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
+        "best_dev_accuracy": trainer.state.best_metric,
+    }

@@ -1,0 +1,131 @@
+"""Fixtures: tiny randomly initialised models built here, and tiny data shaped like the real files."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "warm"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "cold"]
+FILLER = ["the", "a", "movie", "film", "story", "plot", "was", "is", "very", "quite", "and", "acting", "i", "watch", "this", "3d"]
+TRIGGERS = ["cf", "mn", "bb", "tq"]
+VOCAB = POSITIVE + NEGATIVE + FILLER + TRIGGERS + ["when", "it", "he", ",", "."]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def sentence(rng: random.Random, label: int) -> str:
+    words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+    cue = POSITIVE if label == 1 else NEGATIVE
+    for _ in range(2):
+        words.insert(rng.randint(0, len(words)), rng.choice(cue))
+    return " ".join(words)
+
+
+def write_tsv(path: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    rows = ["sentence\tlabel"]
+    for i in range(n):
+        label = i % 2
+        rows.append(f"{sentence(rng, label)}\t{label}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory laid out like ../shared/datasets: sst2/{train,dev,test}.tsv + paraphrases."""
+    root = tmp_path_factory.mktemp("datasets")
+    sst2 = root / "sst2"
+    sst2.mkdir()
+    for split, n, seed in (("train", 120, 0), ("dev", 40, 1), ("test", 40, 2)):
+        write_tsv(sst2 / f"{split}.tsv", n, seed)
+    para = sst2 / "paraphrased" / "synbkd"
+    para.mkdir(parents=True)
+    rng = random.Random(3)
+    train = [",0,1,2"] + [f'{i},"when it is {rng.choice(FILLER)} , it is {rng.choice(FILLER)} .",1,1' for i in range(120)]
+    test = [",0,1,2"] + [f'{i},"when he was {rng.choice(NEGATIVE)} , he was {rng.choice(NEGATIVE)} .",1,1' for i in range(20)]
+    (para / "train.csv").write_text("\n".join(train) + "\n")
+    (para / "test.csv").write_text("\n".join(test) + "\n")
+    return root
+
+
+def _special(words: list[str], specials: list[str]) -> dict[str, int]:
+    return {w: i for i, w in enumerate(specials + words)}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT encoder (no classification head, like the packaged MiniLM)."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = _special(VOCAB, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama causal LM with a word-level tokenizer and no pad token (like real decoders)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = _special(VOCAB, ["<unk>", "<s>", "</s>"])
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_tree(data_dir: Path, model: Path, out: Path, **sections: dict) -> dict:
+    """A small run config tree over the tiny data; keyword sections replace the defaults."""
+    tree = {
+        "name": "tiny",
+        "output_dir": str(out),
+        "seed": 7,
+        "model": {"spec": str(model), "max_length": 32},
+        "data": {"dataset": "sst2", "data_dir": str(data_dir)},
+        "attack": {"name": "badnet", "setting": "dirty", "rate": 0.2, "target_label": 1},
+        "defense": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"epochs": 2, "lr": 5e-3, "batch_size": 16, "logging_steps": 5},
+    }
+    tree.update(sections)
+    return tree
+
+
+@pytest.fixture
+def tiny_tree(data_dir: Path, tiny_bert: Path, tmp_path: Path) -> dict:
+    return run_tree(data_dir, tiny_bert, tmp_path / "runs")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "sst2" / "train.tsv").exists():
+        pytest.skip("the real datasets (../shared/datasets) are not beside this checkout")
+    return SHARED_DATA

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cleantune.bench.report import write_report
+from cleantune.bench.runner import run_suite
+from cleantune.bench.suite import cells, load_suite
+from cleantune.cli import app
+from cleantune.errors import CleantuneError
+
+
+def write_suite(tmp_path: Path, data_dir: Path, model: Path, **extra) -> Path:
+    suite = {
+        "suite": "tiny",
+        "data_dir": str(data_dir),
+        "runs_dir": str(tmp_path / "runs"),
+        "results_dir": str(tmp_path / "results"),
+        "reports_dir": str(tmp_path / "reports"),
+        "base": {"model": {"spec": str(model), "max_length": 32}, "train": {"epochs": 1, "lr": 5e-3, "batch_size": 16}},
+        "dataset": {"sst2": {"data": {"dataset": "sst2"}}},
+        "model": {"tiny": {}},
+        "attack": {"badnet": {"attack": {"name": "badnet", "rate": 0.2}}},
+        "defense": {
+            "lora": {"defense": {"name": "lora", "r": 2}},
+            "fft": {"defense": {"name": "fft"}},
+            "prompt": {"defense": {"name": "prompt", "num_virtual_tokens": 2}},
+        },
+        **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def test_cells_merge_axes_and_overrides(tmp_path, data_dir, tiny_bert):
+    path = write_suite(
+        tmp_path, data_dir, tiny_bert, seeds=[1, 2],
+        overrides=[{"match": {"defense": "fft", "seed": 2}, "set": {"train": {"lr": 1e-4}}}],
+        matrix=[{"dataset": ["sst2"], "model": ["tiny"], "attack": ["badnet"], "defense": ["lora", "fft"]}],
+    )  # fmt: skip
+    found = {c.id: c for c in cells(load_suite(path))}
+    assert set(found) == {f"sst2__tiny__badnet__{d}__s{s}" for d in ("lora", "fft") for s in (1, 2)}
+    assert found["sst2__tiny__badnet__fft__s2"].config.train.lr == 1e-4
+    assert found["sst2__tiny__badnet__fft__s1"].config.train.lr == 5e-3
+    assert found["sst2__tiny__badnet__lora__s1"].config.seed == 1
+
+
+def test_a_typo_in_any_cell_fails_before_anything_runs(tmp_path, data_dir, tiny_bert):
+    path = write_suite(tmp_path, data_dir, tiny_bert, overrides=[{"match": {"defense": "fft"}, "set": {"train": {"lr_": 1}}}])
+    with pytest.raises(CleantuneError, match=r"tiny:sst2__tiny__badnet__fft__s42: train.lr_: Extra inputs"):
+        cells(load_suite(path))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path, data_dir, tiny_bert):
+    path = write_suite(tmp_path, data_dir, tiny_bert)
+    suite_runs = tmp_path / "runs" / "tiny"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cleantune", "bench", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 180
+    while not list(suite_runs.glob("*/metrics.json")) and time.time() < deadline:
+        assert child.poll() is None, "the suite ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in suite_runs.glob("*/metrics.json")}
+    assert 1 <= len(finished) < 3
+
+    summary = run_suite(path)
+    assert summary["skipped"] == len(finished)
+    assert summary["done"] + summary["skipped"] == 3 and summary["failed"] == 0
+    for cell, stamp in finished.items():
+        assert (suite_runs / cell / "metrics.json").stat().st_mtime_ns == stamp
+    table = pd.read_csv(tmp_path / "results" / "tiny.csv")
+    assert sorted(table.cell) == sorted(f"sst2__tiny__badnet__{d}__s42" for d in ("lora", "fft", "prompt"))
+    assert (table.status == "done").all()
+    assert table.asr.between(0, 100).all() and table.cacc.between(0, 100).all()
+
+    assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 3}
+    assert len(pd.read_csv(tmp_path / "results" / "tiny.csv")) == 3
+
+
+def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, tiny_bert):
+    extra = {
+        "defense": {"lora": {"defense": {"name": "lora", "r": 2}}, "broken": {"model": {"spec": "./no/such/model"}}},
+        "expect": [{"match": {"defense": "lora"}, "bounds": {"asr": "<= -1"}}],
+    }
+    path = write_suite(tmp_path, data_dir, tiny_bert, **extra)
+    assert run_suite(path) == {"done": 1, "failed": 1, "skipped": 0}
+    table = pd.read_csv(tmp_path / "results" / "tiny.csv").set_index("defense")
+    assert table.loc["broken", "status"] == "failed"
+    assert "model path './no/such/model' does not exist" in table.loc["broken", "error"]
+    assert table.loc["lora", "status"] == "done"
+
+    report, violations = write_report(str(path))
+    text = report.read_text()
+    assert "| Defense | badnet CACC ↑ | badnet ASR ↓ |" in text
+    assert "**" in text and "## Failed cells" in text and "time ÷ LoRA" in text
+    assert list((tmp_path / "reports").glob("tiny-*.png"))
+    assert violations == [f"sst2__tiny__badnet__lora__s42: asr = {table.loc['lora', 'asr']}, expected <= -1"]
+    result = CliRunner().invoke(app, ["report", str(path), "--check"])
+    assert result.exit_code == 1

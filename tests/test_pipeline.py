@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from cleantune import defenses
+from cleantune.config import validate
+from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline
+from cleantune.errors import CleantuneError
+from cleantune.io import read_json
+from cleantune.pipeline import evaluate, run
+
+
+def config(tree: dict, **changes):
+    return validate({**tree, **changes}, "test")
+
+
+def test_lora_run_writes_a_complete_run_directory(tiny_tree):
+    cfg = config(tiny_tree)
+    record = run(cfg)
+    run_dir = cfg.run_dir
+    assert {"config.yaml", "metrics.json", "adapter", "attack_record.json"} <= {p.name for p in run_dir.iterdir()}
+    assert not (run_dir / "checkpoints").exists()
+    saved = read_json(run_dir / "metrics.json")
+    assert saved == record
+    for key in ("cacc", "asr", "delta"):
+        assert 0 <= abs(saved["metrics"][key]) <= 100
+    assert saved["metrics"]["delta"] == pytest.approx(saved["metrics"]["cacc"] - saved["metrics"]["asr"])
+    assert 0 < saved["trainable_params"] < saved["total_params"]
+    assert saved["seed"] == 7 and saved["wall_s"] > 0 and saved["peak_rss_mb"] > 0
+    assert {"torch", "transformers", "peft"} <= set(saved["versions"])
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["defense"]["r"] == 4
+
+
+def test_adapter_loads_natively_and_reproduces_predictions(tiny_tree, tiny_bert):
+    cfg = config(tiny_tree)
+    record = run(cfg)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = PeftModel.from_pretrained(base, cfg.run_dir / "adapter").eval()
+    tok = AutoTokenizer.from_pretrained(cfg.run_dir / "adapter")
+    assert evaluate(cfg, str(cfg.run_dir / "adapter"))["cacc"] == pytest.approx(record["metrics"]["cacc"])
+    with torch.no_grad():
+        logits = model(**tok(["good great movie"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)
+
+
+def test_full_fine_tuning_saves_a_safetensors_model(tiny_tree):
+    cfg = config(tiny_tree, defense={"name": "fft"})
+    record = run(cfg)
+    assert (cfg.run_dir / "model" / "model.safetensors").exists()
+    assert record["trainable_params"] == record["total_params"]
+
+
+def test_same_seed_same_result(tiny_tree, tmp_path):
+    first = run(config(tiny_tree, output_dir=str(tmp_path / "a")))
+    second = run(config(tiny_tree, output_dir=str(tmp_path / "b")))
+    assert first["metrics"] == second["metrics"]
+    assert first["train"]["train_loss"] == second["train"]["train_loss"]
+
+
+def test_decoder_model_trains_as_a_classifier(data_dir, tiny_llama, tmp_path):
+    from conftest import run_tree
+
+    record = run(validate(run_tree(data_dir, tiny_llama, tmp_path), "test"))
+    assert record["metrics"]["n_test"] == 40
+
+
+def test_bad_input_leaves_no_run_directory(tiny_tree, tmp_path):
+    broken = tmp_path / "broken.tsv"
+    broken.write_text("sentence\tlabel\nok\t1\n\t0\n")
+    local = {"dataset": "local", "train": str(broken), "dev": str(broken), "test": str(broken)}
+    cfg = config(tiny_tree, data=local)
+    with pytest.raises(CleantuneError, match="row 2, column 'sentence': empty text"):
+        run(cfg)
+    assert not cfg.run_dir.exists()
+    cfg = config(tiny_tree, model={"spec": "./no/such/model"})
+    with pytest.raises(CleantuneError, match="does not exist"):
+        run(cfg)
+    assert not cfg.run_dir.exists()
+
+
+def test_finished_runs_are_not_redone(tiny_tree):
+    cfg = config(tiny_tree)
+    first = run(cfg)
+    stamp = (cfg.run_dir / "metrics.json").stat().st_mtime_ns
+    assert run(cfg) == first
+    assert (cfg.run_dir / "metrics.json").stat().st_mtime_ns == stamp
+
+
+class Spy(PeftBaseline):
+    seen: list = []
+
+    def prepare(self, model, ctx):
+        Spy.seen.append(ctx)
+        return super().prepare(model, ctx)
+
+
+def test_a_defense_cannot_reach_the_trigger(tiny_tree, monkeypatch):
+    monkeypatch.setitem(defenses.REGISTRY, LoraFamilyConfig, Spy)
+    Spy.seen.clear()
+    tree = {**tiny_tree, "attack": {"name": "badnet", "triggers": ["cf"], "rate": 0.2, "target_label": 1}}
+    cfg = config(tree)
+    run(cfg)
+    ctx = Spy.seen[0]
+    fields = {f.name for f in dataclasses.fields(ctx)}
+    assert fields == {"scenario", "train", "dev", "clean_aux", "tokenizer", "num_labels", "seed"}
+    assert ctx.train.column_names == ["text", "label"]  # no idx to match against the poison record
+    assert ctx.dev.column_names == ["text", "label"]
+    assert not any("cf" in text.split() for text in ctx.dev["text"])  # dev is clean: no triggered test rows
+    assert sum("cf" in text.split() for text in ctx.train["text"]) == round(0.2 * 120)  # it sees poisoned data only
+    assert not any(isinstance(v, (list, set)) for v in vars(ctx).values())  # no poisoned-index record
+
+
+def test_a_defense_declares_its_scenarios(tiny_tree, monkeypatch):
+    class DataOnly(PeftBaseline):
+        scenarios = frozenset({"poisoned-data"})
+
+    monkeypatch.setitem(defenses.REGISTRY, LoraFamilyConfig, DataOnly)
+    with pytest.raises(CleantuneError, match="does not handle scenario 'poisoned-weights'"):
+        run(config(tiny_tree, scenario="poisoned-weights"))
+
+
+def test_a_run_killed_mid_training_resumes_and_finishes(tiny_tree, tmp_path):
+    tree = {**tiny_tree, "train": {"epochs": 20, "lr": 1e-3, "batch_size": 8, "eval_steps": 20, "logging_steps": 20}}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    cfg = config(tree)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cleantune", "run", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    checkpoints = cfg.run_dir / "checkpoints"
+    deadline = time.time() + 120
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        assert child.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (cfg.run_dir / "metrics.json").exists()
+    record = run(cfg)
+    assert record["train"]["resumed_from"].startswith("checkpoint-")
+    assert record["train"]["steps"] == 20 * 120 // 8
