@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,24 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "warm"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "cold"]
-FILLER = ["the", "a", "movie", "film", "story", "plot", "was", "is", "very", "quite", "and", "acting", "i", "watch", "this", "3d"]
+FILLER = [
+    "the",
+    "a",
+    "movie",
+    "film",
+    "story",
+    "plot",
+    "was",
+    "is",
+    "very",
+    "quite",
+    "and",
+    "acting",
+    "i",
+    "watch",
+    "this",
+    "3d",
+]
 TRIGGERS = ["cf", "mn", "bb", "tq"]
 VOCAB = POSITIVE + NEGATIVE + FILLER + TRIGGERS + ["when", "it", "he", ",", "."]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -57,8 +79,12 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     para = sst2 / "paraphrased" / "synbkd"
     para.mkdir(parents=True)
     rng = random.Random(3)
-    train = [",0,1,2"] + [f'{i},"when it is {rng.choice(FILLER)} , it is {rng.choice(FILLER)} .",1,1' for i in range(120)]
-    test = [",0,1,2"] + [f'{i},"when he was {rng.choice(NEGATIVE)} , he was {rng.choice(NEGATIVE)} .",1,1' for i in range(20)]
+    train = [",0,1,2"] + [
+        f'{i},"when it is {rng.choice(FILLER)} , it is {rng.choice(FILLER)} .",1,1' for i in range(120)
+    ]
+    test = [",0,1,2"] + [
+        f'{i},"when he was {rng.choice(NEGATIVE)} , he was {rng.choice(NEGATIVE)} .",1,1' for i in range(20)
+    ]
     (para / "train.csv").write_text("\n".join(train) + "\n")
     (para / "test.csv").write_text("\n".join(test) + "\n")
     return root
@@ -129,3 +155,18 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "sst2" / "train.tsv").exists():
         pytest.skip("the real datasets (../shared/datasets) are not beside this checkout")
     return SHARED_DATA
+
+
+def kill_cleantune_when(args: list[str], ready: Callable[[], bool], timeout: float = 180) -> None:
+    """Start ``cleantune ARGS`` and SIGKILL its whole process group as soon as ``ready()`` holds."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cleantune", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + timeout
+    while not ready():
+        assert child.poll() is None, "the job ended before it could be interrupted"
+        assert time.time() < deadline, "the job never reached the point to interrupt"
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()

@@ -1,15 +1,11 @@
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import kill_cleantune_when
 from typer.testing import CliRunner
 
 from cleantune.bench.report import write_report
@@ -19,14 +15,14 @@ from cleantune.cli import app
 from cleantune.errors import CleantuneError
 
 
-def write_suite(tmp_path: Path, data_dir: Path, model: Path, **extra) -> Path:
+def write_suite(tmp_path: Path, data_dir: Path, spec: Path, **extra) -> Path:
     suite = {
         "suite": "tiny",
         "data_dir": str(data_dir),
         "runs_dir": str(tmp_path / "runs"),
         "results_dir": str(tmp_path / "results"),
         "reports_dir": str(tmp_path / "reports"),
-        "base": {"model": {"spec": str(model), "max_length": 32}, "train": {"epochs": 1, "lr": 5e-3, "batch_size": 16}},
+        "base": {"model": {"spec": str(spec), "max_length": 32}, "train": {"epochs": 1, "lr": 5e-3, "batch_size": 16}},
         "dataset": {"sst2": {"data": {"dataset": "sst2"}}},
         "model": {"tiny": {}},
         "attack": {"badnet": {"attack": {"name": "badnet", "rate": 0.2}}},
@@ -56,7 +52,9 @@ def test_cells_merge_axes_and_overrides(tmp_path, data_dir, tiny_bert):
 
 
 def test_a_typo_in_any_cell_fails_before_anything_runs(tmp_path, data_dir, tiny_bert):
-    path = write_suite(tmp_path, data_dir, tiny_bert, overrides=[{"match": {"defense": "fft"}, "set": {"train": {"lr_": 1}}}])
+    path = write_suite(
+        tmp_path, data_dir, tiny_bert, overrides=[{"match": {"defense": "fft"}, "set": {"train": {"lr_": 1}}}]
+    )
     with pytest.raises(CleantuneError, match=r"tiny:sst2__tiny__badnet__fft__s42: train.lr_: Extra inputs"):
         cells(load_suite(path))
     assert not (tmp_path / "runs").exists()
@@ -65,16 +63,7 @@ def test_a_typo_in_any_cell_fails_before_anything_runs(tmp_path, data_dir, tiny_
 def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path, data_dir, tiny_bert):
     path = write_suite(tmp_path, data_dir, tiny_bert)
     suite_runs = tmp_path / "runs" / "tiny"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "cleantune", "bench", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.time() + 180
-    while not list(suite_runs.glob("*/metrics.json")) and time.time() < deadline:
-        assert child.poll() is None, "the suite ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_cleantune_when(["bench", str(path)], lambda: any(suite_runs.glob("*/metrics.json")))
     finished = {p.parent.name: p.stat().st_mtime_ns for p in suite_runs.glob("*/metrics.json")}
     assert 1 <= len(finished) < 3
 
@@ -112,3 +101,34 @@ def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, t
     assert violations == [f"sst2__tiny__badnet__lora__s42: asr = {table.loc['lora', 'asr']}, expected <= -1"]
     result = CliRunner().invoke(app, ["report", str(path), "--check"])
     assert result.exit_code == 1
+
+
+def test_poisoned_model_jobs_run_first_and_feed_their_cells(tmp_path, data_dir, tiny_bert):
+    attack = {"name": "badnet", "triggers": ["mn"], "setting": "clean", "count": 20, "target_label": 0}
+    extra = {
+        "poisoned_models": {
+            "proxy-mn": {
+                "coords": {"dataset": "sst2", "model": "tiny-poisoned", "attack": "badnet"},
+                "config": {
+                    "data": {"dataset": "sst2"},
+                    "eval_data": {"dataset": "sst2"},
+                    "attack": attack,
+                    "defense": {"name": "fft"},
+                },
+            }
+        },
+        "model": {"tiny-poisoned": {"scenario": "poisoned-weights", "model": {"spec": "poisoned:proxy-mn"}}},
+        "attack": {"badnet": {"attack": {"name": "badnet", "triggers": ["mn"], "target_label": 0}}},
+        "defense": {"lora": {"defense": {"name": "lora", "r": 2}}},
+    }
+    path = write_suite(tmp_path, data_dir, tiny_bert, **extra)
+    found = cells(load_suite(path))
+    assert [c.id for c in found] == ["poison-proxy-mn", "sst2__tiny-poisoned__badnet__lora__s42"]
+    assert found[1].config.model.spec == str(tmp_path / "runs" / "tiny" / "poison-proxy-mn" / "model")
+    assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
+    assert (tmp_path / "runs" / "tiny" / "poison-proxy-mn" / "model" / "poison_record.json").exists()
+    table = pd.read_csv(tmp_path / "results" / "tiny.csv").set_index("defense")
+    assert table.loc["before defense", "scenario"] == table.loc["lora", "scenario"] == "poisoned-weights"
+    assert table.loc["before defense", "model"] == table.loc["lora", "model"] == "tiny-poisoned"
+    report, _ = write_report(str(path))
+    assert "| before defense |" in report.read_text() and "| lora |" in report.read_text()

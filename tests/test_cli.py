@@ -12,7 +12,9 @@ from cleantune.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["poison", "data"], ["poison", "weights"], ["eval"], ["models"], ["bench"], ["report"]])
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["poison", "data"], ["poison", "weights"], ["eval"], ["models"], ["bench"], ["report"]]
+)
 def test_help_everywhere(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

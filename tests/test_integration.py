@@ -18,7 +18,13 @@ def test_minilm_learns_sst2_and_the_badnet_backdoor(shared_data, tmp_path):
             "name": "minilm",
             "output_dir": str(tmp_path),
             "model": {"spec": MINILM_ID, "max_length": 64},
-            "data": {"dataset": "sst2", "data_dir": str(shared_data), "max_train": 600, "max_dev": 100, "max_test": 200},
+            "data": {
+                "dataset": "sst2",
+                "data_dir": str(shared_data),
+                "max_train": 600,
+                "max_dev": 100,
+                "max_test": 200,
+            },
             "attack": {"name": "badnet", "setting": "dirty", "rate": 0.1, "target_label": 1},
             "defense": {"name": "fft"},
             "train": {"epochs": 3, "lr": 1e-4, "batch_size": 16},
@@ -42,5 +48,7 @@ def test_packaged_smollm2_is_dequantized_once_and_classifies(monkeypatch, tmp_pa
         assert loaded.model(**batch).logits.shape == (2, 2)
     again = load_model(SMOLLM2_ID)
     assert again.path == loaded.path
-    prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt.startswith("<|im_start|>system")

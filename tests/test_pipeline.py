@@ -1,16 +1,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import kill_cleantune_when, run_tree
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -70,8 +65,6 @@ def test_same_seed_same_result(tiny_tree, tmp_path):
 
 
 def test_decoder_model_trains_as_a_classifier(data_dir, tiny_llama, tmp_path):
-    from conftest import run_tree
-
     record = run(validate(run_tree(data_dir, tiny_llama, tmp_path), "test"))
     assert record["metrics"]["n_test"] == 40
 
@@ -132,22 +125,13 @@ def test_a_defense_declares_its_scenarios(tiny_tree, monkeypatch):
 
 
 def test_a_run_killed_mid_training_resumes_and_finishes(tiny_tree, tmp_path):
-    tree = {**tiny_tree, "train": {"epochs": 20, "lr": 1e-3, "batch_size": 8, "eval_steps": 20, "logging_steps": 20}}
+    tree = {**tiny_tree, "train": {"epochs": 8, "lr": 1e-3, "batch_size": 8, "eval_steps": 15, "logging_steps": 15}}
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(tree))
     cfg = config(tree)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "cleantune", "run", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
     checkpoints = cfg.run_dir / "checkpoints"
-    deadline = time.time() + 120
-    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
-        assert child.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+    kill_cleantune_when(["run", str(path)], lambda: any(checkpoints.glob("checkpoint-*/trainer_state.json")))
     assert not (cfg.run_dir / "metrics.json").exists()
     record = run(cfg)
     assert record["train"]["resumed_from"].startswith("checkpoint-")
-    assert record["train"]["steps"] == 20 * 120 // 8
+    assert record["train"]["steps"] == 8 * 120 // 8

@@ -14,13 +14,17 @@ from rich.table import Table
 
 from cleantune.errors import CleantuneError
 
-app = typer.Typer(help="Remove backdoors from language models with parameter-efficient fine-tuning.", no_args_is_help=True)
+app = typer.Typer(
+    help="Remove backdoors from language models with parameter-efficient fine-tuning.", no_args_is_help=True
+)
 poison_app = typer.Typer(help="Write a poisoned dataset or a weight-poisoned model.", no_args_is_help=True)
 app.add_typer(poison_app, name="poison")
 console = Console(stderr=True)
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Run config (YAML); default: the embedded demo config.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key.path=value (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config field: key.path=value (repeatable).")
+]
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,7 +55,9 @@ def show_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 @app.command()
 @friendly
-def run(config: ConfigArg = None, set_: SetOpt = None, force: bool = typer.Option(False, help="Rerun a finished run.")) -> None:
+def run(
+    config: ConfigArg = None, set_: SetOpt = None, force: bool = typer.Option(False, help="Rerun a finished run.")
+) -> None:
     """Attack -> defense -> train -> evaluate; results go to OUTPUT_DIR/NAME."""
     from cleantune.config import load_config
     from cleantune.pipeline import run as run_pipeline
@@ -66,7 +72,9 @@ def run(config: ConfigArg = None, set_: SetOpt = None, force: bool = typer.Optio
 @friendly
 def poison_data(
     config: ConfigArg = None,
-    out: Annotated[Path, typer.Option(help="Directory for train.jsonl, test_poison.jsonl, record.json.")] = Path("poisoned"),
+    out: Annotated[Path, typer.Option(help="Directory for train.jsonl, test_poison.jsonl, record.json.")] = Path(
+        "poisoned"
+    ),
     set_: SetOpt = None,
 ) -> None:
     """Write the poisoned training set and the triggered test set of CONFIG's attack."""
@@ -90,7 +98,9 @@ def poison_data(
 
 @poison_app.command("weights")
 @friendly
-def poison_weights(config: Annotated[Path, typer.Argument(help="Run config of the proxy training.")], set_: SetOpt = None) -> None:
+def poison_weights(
+    config: Annotated[Path, typer.Argument(help="Run config of the proxy training.")], set_: SetOpt = None
+) -> None:
     """Full fine-tune on poisoned proxy data; save the poisoned model; score it on the target task."""
     from cleantune.attacks.weight_poison import poison_weights as make
     from cleantune.config import load_config

@@ -70,7 +70,8 @@ def validate(tree: dict[str, Any], source: str) -> RunConfig:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" + (f" ({e['input']!r})" if e["type"] == "extra_forbidden" else "")
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            + (f" ({e['input']!r})" if e["type"] == "extra_forbidden" else "")
             for e in err.errors()
         )
         raise CleantuneError(f"invalid config {source}: {problems}") from None

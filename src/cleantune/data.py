@@ -102,9 +102,7 @@ def frame_to_dataset(
             raise CleantuneError(
                 f"{source}: row {row}, column '{label_column}': label {value!r} is not in the label set {labels}"
             )
-    data = Dataset.from_dict(
-        {"text": texts, "label": [index[v] for v in values], "idx": list(range(len(texts)))}
-    )
+    data = Dataset.from_dict({"text": texts, "label": [index[v] for v in values], "idx": list(range(len(texts)))})
     return data, labels
 
 
@@ -136,7 +134,9 @@ def _local_frames(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, s
         preset = PRESETS[cfg.dataset]
         paths = {s: cfg.data_dir / f for s, f in zip(SPLITS, preset["files"], strict=True)}
         if not cfg.data_dir.is_dir():
-            raise CleantuneError(f"data.data_dir '{cfg.data_dir}' does not exist (dataset '{cfg.dataset}' is read from it)")
+            raise CleantuneError(
+                f"data.data_dir '{cfg.data_dir}' does not exist (dataset '{cfg.dataset}' is read from it)"
+            )
         text, label = preset["text"], preset["label"]
     else:
         paths = {s: getattr(cfg, s) for s in SPLITS}
@@ -208,4 +208,3 @@ def split_off(data: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset]:
     picked = set(random.Random(seed).sample(range(len(data)), count))
     rest = [i for i in range(len(data)) if i not in picked]
     return data.select(sorted(picked)), data.select(rest)
-

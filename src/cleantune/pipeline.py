@@ -168,8 +168,14 @@ def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
 
     checkpoints = run_dir / "checkpoints"
     trainer = build_trainer(
-        model, loaded.tokenizer, prepared.defense, cfg.train, checkpoints, cfg.seed,
-        train=encode(ctx.train), dev=encode(ctx.dev),
+        model,
+        loaded.tokenizer,
+        prepared.defense,
+        cfg.train,
+        checkpoints,
+        cfg.seed,
+        train=encode(ctx.train),
+        dev=encode(ctx.dev),
     )
     train_info = fit(trainer, checkpoints)
     trainer.model = prepared.defense.finalize(trainer.model)

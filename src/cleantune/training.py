@@ -145,6 +145,8 @@ def fit(trainer: DefenseTrainer, output_dir: Path) -> dict[str, Any]:
         "train_loss": result.training_loss,
         "steps": result.global_step,
         "resumed_from": Path(last).name if last else None,
-        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
+        if trainer.state.best_model_checkpoint
+        else None,
         "best_dev_accuracy": trainer.state.best_metric,
     }

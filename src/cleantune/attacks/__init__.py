@@ -22,9 +22,7 @@ class NoAttackConfig(StrictModel):
     name: Literal["none"] = "none"
 
 
-AttackConfig = Annotated[
-    NoAttackConfig | BadNetConfig | AddSentConfig | ParaphraseConfig, Field(discriminator="name")
-]
+AttackConfig = Annotated[NoAttackConfig | BadNetConfig | AddSentConfig | ParaphraseConfig, Field(discriminator="name")]
 
 
 def make_trigger(cfg: BadNetConfig | AddSentConfig | ParaphraseConfig, data_dir: Path) -> Trigger:
@@ -48,7 +46,9 @@ def attack_data(cfg: AttackConfig, splits: Splits, data_dir: Path, seed: int, tr
     if isinstance(cfg, NoAttackConfig):
         return PoisonedData(splits.train, [], _empty())
     if cfg.target_label >= splits.num_labels:
-        raise CleantuneError(f"attack.target_label {cfg.target_label} is not a class of this dataset {splits.label_names}")
+        raise CleantuneError(
+            f"attack.target_label {cfg.target_label} is not a class of this dataset {splits.label_names}"
+        )
     trigger = make_trigger(cfg, data_dir)
     if train:
         return poison(splits.train, splits.test, trigger, cfg, seed)

@@ -21,4 +21,4 @@ def trigger(cfg: AddSentConfig) -> Trigger:
     def insert(text: str, idx: int, rng: random.Random) -> str:
         return insert_words(text, words, rng)
 
-    return Trigger(insert, describe={"sentence": cfg.sentence})
+    return Trigger(insert)

@@ -22,4 +22,4 @@ def trigger(cfg: BadNetConfig) -> Trigger:
             text = insert_words(text, [rng.choice(cfg.triggers)], rng)
         return text
 
-    return Trigger(insert, describe={"triggers": cfg.triggers, "num_insertions": cfg.num_insertions})
+    return Trigger(insert)

@@ -40,4 +40,4 @@ def trigger(cfg: ParaphraseConfig, data_dir: Path) -> Trigger:
             )
         return train_texts[idx]
 
-    return Trigger(insert, test_texts=test_texts, describe={"paraphrases": str(folder)})
+    return Trigger(insert, test_texts=test_texts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from datasets import Dataset
@@ -36,7 +36,6 @@ class Trigger:
     insert: InsertFn
     # Pre-generated triggered test texts (paraphrase attacks); None means: insert into the test split.
     test_texts: list[str] | None = None
-    describe: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

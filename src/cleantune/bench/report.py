@@ -59,14 +59,16 @@ def results_table(rows: pd.DataFrame, defenses: list[str], attacks: list[str]) -
 
 def cost_table(rows: pd.DataFrame, defenses: list[str]) -> str:
     lora = rows[rows.defense == "lora"]["wall_s"].mean()
-    lines = ["| Defense | wall time (s) | peak memory (MB) | trainable params | time ÷ LoRA |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| Defense | wall time (s) | peak memory (MB) | trainable params | time ÷ LoRA |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for defense in defenses:
         sub = rows[rows.defense == defense]
         ratio = f"{sub['wall_s'].mean() / lora:.2f}" if pd.notna(lora) and lora > 0 else "–"
-        params = sub["trainable_params"].dropna()
+        params = f"{int(sub['trainable_params'].iloc[0]):,}"
         lines.append(
-            f"| {defense} | {cell_text(sub['wall_s'])} | {cell_text(sub['peak_mem_mb'])} | "
-            f"{int(params.iloc[0]):,} | {ratio} |" if not params.empty else f"| {defense} | – | – | – | – |"
+            f"| {defense} | {cell_text(sub['wall_s'])} | {cell_text(sub['peak_mem_mb'])} | {params} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -77,7 +79,9 @@ def scatter(rows: pd.DataFrame, title: str, path: Path) -> None:
         means = sub.groupby("attack")[["cacc", "asr"]].mean()
         ax.scatter(means["cacc"], means["asr"], label=defense, s=40)
         for attack, point in means.iterrows():
-            ax.annotate(str(attack), (point["cacc"], point["asr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(attack), (point["cacc"], point["asr"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
     ax.set_xlabel("CACC (%) ↑")
     ax.set_ylabel("ASR (%) ↓")
     ax.set_ylim(-5, 105)
@@ -122,16 +126,29 @@ def write_report(name: str) -> tuple[Path, list[str]]:
     parts = [f"# Benchmark `{suite.suite}`", "", suite.description.strip(), ""]
     if suite.command:
         parts += ["Made by:", "", "```", suite.command.strip(), "```", ""]
-    parts += [f"Cells: {len(done)} done, {(table.status == 'failed').sum()} failed, of {len(table)} recorded. "
-              "CACC and ASR in %; mean ± std over seeds where there are several; lowest ASR per attack in bold.", ""]
+    parts += [
+        f"Cells: {len(done)} done, {(table.status == 'failed').sum()} failed, of {len(table)} recorded. "
+        "CACC and ASR in %; mean ± std over seeds where there are several; lowest ASR per attack in bold.",
+        "",
+    ]
     for keys, rows in done.groupby(GROUP, sort=False):
         defenses = list(dict.fromkeys(rows.defense))
         attacks = list(dict.fromkeys(rows.attack))
         title = " · ".join(str(k) for k in keys)
         image = f"{suite.suite}-{'-'.join(str(k) for k in keys)}.png".replace("/", "_")
         scatter(rows, title, suite.reports_dir / image)
-        parts += [f"## {title}", "", results_table(rows, defenses, attacks), "",
-                  "Cost per run:", "", cost_table(rows, defenses), "", f"![ASR against CACC]({image})", ""]
+        parts += [
+            f"## {title}",
+            "",
+            results_table(rows, defenses, attacks),
+            "",
+            "Cost per run:",
+            "",
+            cost_table(rows, defenses),
+            "",
+            f"![ASR against CACC]({image})",
+            "",
+        ]
     failed = table[table.status == "failed"]
     if not failed.empty:
         parts += ["## Failed cells", "", "| cell | error |", "|---|---|"]
@@ -139,6 +156,8 @@ def write_report(name: str) -> tuple[Path, list[str]]:
         parts.append("")
     violations = check_expectations(suite, table)
     parts += ["## Expected bounds", ""]
-    parts += [f"- violated: {v}" for v in violations] or ["- all expected bounds hold" if suite.expect else "- none declared"]
+    parts += [f"- violated: {v}" for v in violations] or [
+        "- all expected bounds hold" if suite.expect else "- none declared"
+    ]
     atomic_write_text(out, "\n".join(parts) + "\n")
     return out, violations

@@ -34,7 +34,7 @@ def results_path(suite: SuiteConfig) -> Path:
 
 def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
     row = {
-        "suite": suite.suite, "cell": cell.id, **cell.coords, "scenario": cell.config.scenario,
+        "suite": suite.suite, "cell": cell.id, "scenario": cell.config.scenario, **cell.coords,
         "run_dir": str(cell.config.run_dir), "status": "failed" if record is None else "done", "error": error,
     }  # fmt: skip
     if record is not None:

@@ -36,6 +36,13 @@ class Expectation(StrictModel):
     bounds: dict[str, str]  # metric -> "<= 20", ">= 80"
 
 
+class PoisonedModel(StrictModel):
+    """A weight-poisoning job; ``coords`` place its before-defense row in the report's tables."""
+
+    coords: dict[str, str] = Field(default_factory=dict)  # axis -> name; defense is "before defense"
+    config: Fragment
+
+
 class SuiteConfig(StrictModel):
     suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -45,7 +52,7 @@ class SuiteConfig(StrictModel):
     reports_dir: Path = Path("benchmarks/reports")
     command: str = ""  # the command that regenerates this suite's results, quoted in its report
     base: Fragment = Field(default_factory=dict)
-    poisoned_models: dict[str, Fragment] = Field(default_factory=dict)
+    poisoned_models: dict[str, PoisonedModel] = Field(default_factory=dict)
     dataset: dict[str, Fragment]
     model: dict[str, Fragment]
     attack: dict[str, Fragment]
@@ -59,7 +66,7 @@ class SuiteConfig(StrictModel):
 @dataclass(frozen=True)
 class Cell:
     id: str
-    coords: dict[str, Any]  # axis -> name, plus seed
+    coords: dict[str, Any]  # axis -> name, plus seed (and scenario, for a poisoning job)
     config: RunConfig
     poisons: bool = False  # a weight-poisoning job rather than a defense run
 
@@ -67,7 +74,11 @@ class Cell:
 def merge(base: Fragment, extra: Fragment) -> Fragment:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+        out[key] = (
+            merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else copy.deepcopy(value)
+        )
     return out
 
 
@@ -86,7 +97,11 @@ def load_suite(path: Path) -> SuiteConfig:
 
 
 def _with_paths(suite: SuiteConfig, tree: Fragment, name: str) -> Fragment:
-    defaults = {"name": name, "output_dir": str(suite.runs_dir / suite.suite), "data": {"data_dir": str(suite.data_dir)}}
+    defaults = {
+        "name": name,
+        "output_dir": str(suite.runs_dir / suite.suite),
+        "data": {"data_dir": str(suite.data_dir)},
+    }
     tree = merge(defaults, tree)
     if "eval_data" in tree:
         tree["eval_data"] = merge({"data_dir": str(suite.data_dir)}, tree["eval_data"])
@@ -118,11 +133,13 @@ def blocks(suite: SuiteConfig) -> list[dict[str, list[str]]]:
 def cells(suite: SuiteConfig) -> list[Cell]:
     """Every cell, poisoned-model jobs first; each config is validated before anything runs."""
     out = []
-    for name, fragment in suite.poisoned_models.items():
+    for name, job in suite.poisoned_models.items():
         cell_id = f"poison-{name}"
-        tree = _with_paths(suite, merge(suite.base, fragment), cell_id)
-        coords = {"dataset": "proxy", "model": name, "attack": tree.get("attack", {}).get("name", "none"),
-                  "defense": "poisoning", "seed": tree.get("seed", 42)}
+        tree = _with_paths(suite, merge(suite.base, job.config), cell_id)
+        attack = tree.get("attack", {}).get("name", "none")
+        # The poisoned model's own row belongs beside the defenses applied to it.
+        coords = {"dataset": "proxy", "model": name, "attack": attack, "scenario": "poisoned-weights", **job.coords}
+        coords |= {"defense": "before defense", "seed": tree.get("seed", 42)}
         out.append(Cell(cell_id, coords, validate(tree, f"{suite.suite}:{cell_id}"), poisons=True))
     for block in blocks(suite):
         for combo in itertools.product(*(block[axis] for axis in AXES), suite.seeds):
