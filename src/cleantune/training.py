@@ -58,19 +58,26 @@ def accuracy(pred: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == pred.label_ids).mean())}
 
 
-class _GradientHook(TrainerCallback):
-    def __init__(self, defense: Defense) -> None:
-        self.defense = defense
+class _EditThenClip(TrainerCallback):
+    """Defense gradient edits, then clipping. The Trainer clips before ``on_pre_optimizer_step``, so it
+    is told not to (``max_grad_norm=0``) and clipping happens here, after the edit, through accelerate
+    (which handles DDP and FSDP)."""
+
+    def __init__(self, trainer: Trainer, defense: Defense, max_grad_norm: float) -> None:
+        self.trainer, self.defense, self.max_grad_norm = trainer, defense, max_grad_norm
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self.defense.edit_gradients(kwargs["model"])
+        model = kwargs["model"]
+        self.defense.edit_gradients(model)
+        if self.max_grad_norm > 0:
+            self.trainer.accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
 
 
 class DefenseTrainer(Trainer):
-    def __init__(self, *args: Any, defense: Defense, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, defense: Defense, max_grad_norm: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.defense = defense
-        self.add_callback(_GradientHook(defense))
+        self.add_callback(_EditThenClip(self, defense, max_grad_norm))
 
     def compute_loss(
         self,
@@ -97,7 +104,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: b
         gradient_accumulation_steps=cfg.grad_accum,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
-        max_grad_norm=cfg.max_grad_norm,
+        max_grad_norm=0.0,  # clipped after defense gradient edits, in _EditThenClip
         eval_strategy=strategy if has_dev else "no",
         save_strategy=strategy,
         eval_steps=cfg.eval_steps,
@@ -134,6 +141,7 @@ def build_trainer(
         processing_class=tokenizer,
         compute_metrics=accuracy,
         defense=defense,
+        max_grad_norm=cfg.max_grad_norm,
     )
 
 

@@ -1,0 +1,70 @@
+"""The defense hooks as the Trainer calls them, on a tiny BERT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from cleantune.data import DataConfig, load_splits
+from cleantune.defenses.base import Defense
+from cleantune.models import load_model
+from cleantune.training import TrainConfig, build_trainer, fit, tokenize
+
+
+class Recorder(TrainerCallback):
+    """Runs after the defense hook: sees the gradients the optimizer will use."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = [p.grad for p in kwargs["model"].parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+class Hooks(Defense):
+    scenarios = frozenset({"poisoned-data"})
+
+    def __init__(self, extra: float = 0.0, blow_up: bool = False) -> None:
+        super().__init__(None)
+        self.extra, self.blow_up, self.edits = extra, blow_up, 0
+
+    def extra_loss(self, model, inputs, outputs):
+        return torch.tensor(self.extra) if self.extra else None
+
+    def edit_gradients(self, model):
+        self.edits += 1
+        if self.blow_up:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(1e6)
+
+
+def train(tiny_bert, data_dir, tmp_path, defense, max_grad_norm=1.0):
+    loaded = load_model(str(tiny_bert), num_labels=2)
+    splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir, max_train=64), seed=0)
+    data = tokenize(splits.train, loaded.tokenizer, 32)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_grad_norm=max_grad_norm, select_best=False)
+    trainer = build_trainer(loaded.model, loaded.tokenizer, defense, cfg, tmp_path / "ckpt", 0, train=data)
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    return fit(trainer, tmp_path / "ckpt"), recorder
+
+
+def test_extra_loss_is_added_to_the_task_loss(tiny_bert, data_dir, tmp_path):
+    plain, _ = train(tiny_bert, data_dir, tmp_path / "a", Hooks())
+    extra, _ = train(tiny_bert, data_dir, tmp_path / "b", Hooks(extra=5.0))
+    assert extra["train_loss"] == pytest.approx(plain["train_loss"] + 5.0, abs=1e-3)
+
+
+def test_gradients_are_clipped_after_the_defense_edits_them(tiny_bert, data_dir, tmp_path):
+    defense = Hooks(blow_up=True)
+    info, recorder = train(tiny_bert, data_dir, tmp_path, defense, max_grad_norm=0.5)
+    assert defense.edits == info["steps"] == 4
+    assert max(recorder.norms) <= 0.5 + 1e-4
+
+
+def test_no_clipping_when_disabled(tiny_bert, data_dir, tmp_path):
+    _, recorder = train(tiny_bert, data_dir, tmp_path, Hooks(blow_up=True), max_grad_norm=0.0)
+    assert min(recorder.norms) > 1e3
