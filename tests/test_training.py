@@ -33,7 +33,7 @@ class Hooks(Defense):
     def extra_loss(self, model, inputs, outputs):
         return torch.tensor(self.extra) if self.extra else None
 
-    def edit_gradients(self, model):
+    def edit_gradients(self, model, step):
         self.edits += 1
         if self.blow_up:
             for p in model.parameters():

@@ -26,6 +26,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from cleantune.defenses import Defense
+from cleantune.defenses.base import StepInfo
 from cleantune.schema import StrictModel
 
 
@@ -68,7 +69,14 @@ class _EditThenClip(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs["model"]
-        self.defense.edit_gradients(model)
+        accelerator = self.trainer.accelerator
+        step = StepInfo(
+            epoch=state.epoch or 0.0,
+            num_epochs=args.num_train_epochs,
+            global_step=state.global_step,
+            reduce_mean=lambda tensor: accelerator.reduce(tensor, reduction="mean"),
+        )
+        self.defense.edit_gradients(model, step)
         if self.max_grad_norm > 0:
             self.trainer.accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
 

@@ -8,14 +8,18 @@ from pydantic import Field
 
 from cleantune.defenses.base import Defense, DefenseContext, Scenario
 from cleantune.defenses.finetune import FineTuneConfig, FullFineTune
+from cleantune.defenses.muscle_lora import MuScleLoRA, MuScleLoRAConfig
 from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline, VirtualTokenConfig
 
-DefenseConfig = Annotated[FineTuneConfig | LoraFamilyConfig | VirtualTokenConfig, Field(discriminator="name")]
+DefenseConfig = Annotated[
+    FineTuneConfig | LoraFamilyConfig | VirtualTokenConfig | MuScleLoRAConfig, Field(discriminator="name")
+]
 
 REGISTRY: dict[type, type[Defense]] = {
     FineTuneConfig: FullFineTune,
     LoraFamilyConfig: PeftBaseline,
     VirtualTokenConfig: PeftBaseline,
+    MuScleLoRAConfig: MuScleLoRA,
 }
 
 

@@ -11,6 +11,7 @@ saving).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -34,6 +35,16 @@ class DefenseContext:
     seed: int
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training stands when ``edit_gradients`` runs."""
+
+    epoch: float  # fractional epochs done, as the Trainer counts them
+    num_epochs: float
+    global_step: int
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor]  # average a tensor over processes (identity on one)
+
+
 class Defense:
     scenarios: ClassVar[frozenset[Scenario]]
     needs: ClassVar[frozenset[Need]] = frozenset()
@@ -51,7 +62,7 @@ class Defense:
     def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
         return None
 
-    def edit_gradients(self, model: nn.Module) -> None:
+    def edit_gradients(self, model: nn.Module, step: StepInfo) -> None:
         return None
 
     def finalize(self, model: nn.Module) -> nn.Module:

@@ -1,0 +1,259 @@
+"""MuScleLoRA (Wu et al., 2024): multi-scale low-rank adaptation and gradient alignment.
+
+Scenario: the defender trains on a poisoned dataset and holds a few clean auxiliary samples.
+Three switches make every row of the paper's ablation (Table 3) one config:
+
+- ``ms``: multiple radial scalings, a multi-scale low-rank module on the penultimate linear layer
+  before the classifier (Eq. 6);
+- ``lr``: low-rank adaptation (PEFT LoRA on the attention layers; the rest of the model frozen).
+  Without it the whole model trains;
+- ``ga``: gradient alignment to the clean auxiliary gradient, per parameter tensor (Eqs. 7-8).
+
+Choices the paper leaves open follow the authors' code (see ``shared/notes``): placement on
+BERT's pooler dense layer, RoBERTa's ``classifier.dense``, and for decoders a new two-layer score
+head (hidden -> 16 -> classes) whose first layer is wrapped; Kaiming-uniform L and R (so
+ΔW ≠ 0 at start, unlike LoRA); the classification head frozen; the gradient of one shuffled
+clean batch per step; the pure aligned gradient while the clean loss is above ``aux_loss_gate``
+and, from epoch ``ga_start_epoch`` on, μ rising per epoch to ``mu_max``. The default scale
+vectors are the paper's Table 6 (the authors' code stops BERT-base at 28, not 32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from pydantic import Field, NonNegativeFloat, PositiveInt
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from cleantune.defenses.base import Defense, DefenseContext, StepInfo
+from cleantune.errors import CleantuneError
+from cleantune.schema import StrictModel
+
+# model_type -> (module wrapped by the multi-scale layer, scale vector S, alpha), Table 6 and B.4.
+FAMILY_DEFAULTS: dict[str, tuple[str, list[float], float]] = {
+    "bert": ("bert.pooler.dense", [1, 4, 8, 12, 16, 20, 24, 28, 32], 6.0),
+    "roberta": ("classifier.dense", [1, 2, 4, 6, 8, 10, 12, 14, 16], 6.0),
+    "llama": ("score.0", [1, 2, 3, 4], 4.0),
+}
+DECODER_HEAD_WIDTH = 16
+
+
+class MuScleLoRAConfig(StrictModel):
+    name: Literal["muscle-lora"] = "muscle-lora"
+    ms: bool = True
+    lr: bool = True
+    ga: bool = True
+    scales: list[float] | None = Field(None, min_length=1)  # default: per model family (Table 6)
+    rank: PositiveInt = 1  # bandwidth r of each scale
+    alpha: float | None = Field(None, gt=0)  # default: per model family
+    placement: str | None = None  # module to wrap; default: per model family
+    lora_r: PositiveInt = 8
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] | None = None  # None: PEFT's attention defaults (query/value)
+    train_head: bool = False  # the authors keep the freshly initialised head frozen
+    clean_aux: PositiveInt = 96
+    aux_batch_size: PositiveInt = 32
+    mu_max: float = Field(0.1, ge=0, le=1)
+    ga_start_epoch: int = Field(1, ge=0)
+    aux_loss_gate: NonNegativeFloat = 0.4
+    clean_every: PositiveInt = 1  # recompute the clean gradient every k steps, reuse it in between
+
+
+class MultiScaleLinear(nn.Module):
+    """A frozen linear layer plus a multi-scale low-rank update."""
+
+    def __init__(self, base: nn.Linear, scales: list[float], rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        width = len(scales) * rank
+        self.lora_L = nn.Parameter(torch.empty(width, base.in_features, dtype=base.weight.dtype))
+        self.lora_R = nn.Parameter(torch.empty(base.out_features, width, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_L, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_R, a=math.sqrt(5))
+        self.register_buffer("S", torch.tensor(scales, dtype=base.weight.dtype).repeat_interleave(rank))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Eq. 6: h = W0 x + R((L x) ⊙ S)
+        return self.base(x) + self.scaling * F.linear(F.linear(x, self.lora_L) * self.S, self.lora_R)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * self.lora_R @ (self.lora_L * self.S[:, None])
+
+    def merged(self) -> nn.Linear:
+        """The plain linear layer W0 + R(L ⊙ S), for inference without extra latency."""
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        with torch.no_grad():
+            merged.weight.copy_(self.base.weight + self.delta_weight())
+            if self.base.bias is not None:
+                merged.bias.copy_(self.base.bias)
+        return merged.to(self.base.weight.device, self.base.weight.dtype)
+
+
+def align(g: torch.Tensor, g_clean: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: g_a = |g · g_c| / ||g_c||² g_c; zero when the clean gradient is zero."""
+    norm = g_clean.pow(2).sum()
+    if norm == 0:
+        return torch.zeros_like(g)
+    return (g * g_clean).sum().abs() / norm * g_clean
+
+
+def mix(g_aligned: torch.Tensor, g: torch.Tensor, mu: float) -> torch.Tensor:
+    """Eq. 8: ĝ = (1 − μ) g_a + μ g."""
+    return (1 - mu) * g_aligned + mu * g
+
+
+def mu_at(epoch: float, num_epochs: float, cfg: MuScleLoRAConfig) -> float:
+    """μ stepped per epoch: 0 before ``ga_start_epoch``, then linear towards ``mu_max``."""
+    done = math.floor(epoch)
+    span = num_epochs - cfg.ga_start_epoch
+    if done < cfg.ga_start_epoch or span <= 0:
+        return 0.0
+    return cfg.mu_max * (done - cfg.ga_start_epoch) / span
+
+
+def _family(model: nn.Module) -> tuple[str, list[float], float]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILY_DEFAULTS:
+        raise CleantuneError(
+            f"muscle-lora has no default placement for model type '{model_type}'; set defense.placement, "
+            "defense.scales and defense.alpha"
+        )
+    return FAMILY_DEFAULTS[model_type]
+
+
+def _replace(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _two_layer_score_head(model: nn.Module) -> None:
+    """Decoders classify through ``score``; the authors replace it by hidden -> 16 -> classes."""
+    old = model.get_submodule("score")
+    head = nn.Sequential(
+        nn.Linear(old.in_features, DECODER_HEAD_WIDTH, bias=False),
+        nn.Dropout(0.1),
+        nn.Linear(DECODER_HEAD_WIDTH, old.out_features, bias=False),
+    ).to(old.weight.device, old.weight.dtype)
+    model.score = head
+
+
+class MuScleLoRA(Defense):
+    scenarios = frozenset({"poisoned-data"})
+    needs = frozenset({"clean_aux"})
+
+    def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
+        cfg: MuScleLoRAConfig = self.cfg
+        placement, scales, alpha = _family(model) if cfg.placement is None else (cfg.placement, [], 0.0)
+        scales, alpha = cfg.scales or scales, cfg.alpha or alpha
+        if cfg.ms and (not scales or not alpha):
+            raise CleantuneError("defense.placement is set: give defense.scales and defense.alpha as well")
+        if getattr(model.config, "model_type", None) == "llama" and cfg.placement is None:
+            _two_layer_score_head(model)
+        if cfg.ms:
+            base = model.get_submodule(placement)
+            if not isinstance(base, nn.Linear):
+                raise CleantuneError(f"defense.placement '{placement}' is a {type(base).__name__}, not a linear layer")
+            _replace(model, placement, MultiScaleLinear(base, scales, cfg.rank, alpha))
+        if cfg.lr:
+            model = self._with_lora(model)
+        self._set_head_trainable(model)
+        self._clean_batches = self._clean_loader(ctx) if cfg.ga else None
+        self._clean_grads: list[torch.Tensor] | None = None
+        self._clean_loss = math.inf
+        return model
+
+    def _with_lora(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        cfg: MuScleLoRAConfig = self.cfg
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
+        # modules_to_save=[] stops PEFT from making the head trainable; the multi-scale module is
+        # excluded from LoRA's targets by its own parameter names.
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_targets or _attention_targets(model),
+        )
+        peft_model = get_peft_model(model, lora)
+        for name, parameter in peft_model.named_parameters():
+            if any(name.endswith(keep) for keep in trainable):
+                parameter.requires_grad_(True)
+        return peft_model
+
+    def _set_head_trainable(self, model: nn.Module) -> None:
+        for name, parameter in model.named_parameters():
+            if ".classifier." in f".{name}" or ".score." in f".{name}":
+                if "lora_" not in name:
+                    parameter.requires_grad_(self.cfg.train_head)
+
+    def _clean_loader(self, ctx: DefenseContext) -> Iterator[dict[str, torch.Tensor]]:
+        if ctx.clean_aux is None or len(ctx.clean_aux) == 0:
+            raise CleantuneError("gradient alignment needs clean auxiliary samples (defense.clean_aux)")
+        encoded = ctx.clean_aux.map(
+            lambda batch: ctx.tokenizer(batch["text"], truncation=True, max_length=512),
+            batched=True,
+            remove_columns=["text"],
+        ).rename_column("label", "labels")
+        generator = torch.Generator().manual_seed(ctx.seed)
+        loader = DataLoader(
+            encoded,
+            batch_size=self.cfg.aux_batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=DataCollatorWithPadding(ctx.tokenizer),
+        )
+        while True:
+            yield from loader
+
+    def _clean_gradients(self, model: nn.Module, params: list[nn.Parameter], step: StepInfo) -> list[torch.Tensor]:
+        assert self._clean_batches is not None
+        device = params[0].device
+        batch = {k: v.to(device) for k, v in next(self._clean_batches).items()}
+        loss = model(**batch).loss
+        # autograd.grad leaves .grad (the poisoned-batch gradient) untouched.
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self._clean_loss = float(step.reduce_mean(loss.detach()))
+        return [
+            step.reduce_mean(g) if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)
+        ]
+
+    def edit_gradients(self, model: nn.Module, step: StepInfo) -> None:
+        if not self.cfg.ga:
+            return
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if self._clean_grads is None or step.global_step % self.cfg.clean_every == 0:
+            self._clean_grads = self._clean_gradients(model, params, step)
+        gated = self._clean_loss > self.cfg.aux_loss_gate
+        mu = 0.0 if gated else mu_at(step.epoch, step.num_epochs, self.cfg)
+        with torch.no_grad():
+            for p, g_clean in zip(params, self._clean_grads, strict=True):
+                p.grad.copy_(mix(align(p.grad, g_clean), p.grad, mu))
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Merge LoRA and the multi-scale module into the weights: the product is a plain model."""
+        if self.cfg.lr:
+            model = model.merge_and_unload()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, MultiScaleLinear):
+                _replace(model, name, module.merged())
+        return model
+
+
+def _attention_targets(model: nn.Module) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in TARGETS:
+        raise CleantuneError(f"no default LoRA targets for model type '{model_type}'; set defense.lora_targets")
+    return list(TARGETS[model_type])

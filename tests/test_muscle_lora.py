@@ -1,0 +1,105 @@
+"""MuScleLoRA on a tiny BERT: the layer (Eq. 6), alignment (Eqs. 7-8), μ, and the data it sees."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from cleantune import defenses
+from cleantune.config import validate
+from cleantune.defenses.muscle_lora import (
+    MultiScaleLinear,
+    MuScleLoRA,
+    MuScleLoRAConfig,
+    align,
+    mix,
+    mu_at,
+)
+from cleantune.models import load_model
+from cleantune.pipeline import run
+
+
+def test_layer_output_is_frozen_base_plus_multi_scale_update():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = MultiScaleLinear(base, scales=[1, 4, 8], rank=2, alpha=6.0)
+    x = torch.randn(3, 6)
+    S = torch.tensor([1, 1, 4, 4, 8, 8.0])
+    expected = base(x) + (6.0 / 2) * ((x @ layer.lora_L.T) * S) @ layer.lora_R.T
+    torch.testing.assert_close(layer(x), expected)
+    assert not base.weight.requires_grad and layer.lora_L.requires_grad and layer.lora_R.requires_grad
+    assert layer.delta_weight().abs().sum() > 0  # Kaiming-initialised: ΔW ≠ 0 at start
+    torch.testing.assert_close(layer.merged()(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_aligned_gradient_is_parallel_to_the_clean_one_with_the_stated_norm():
+    torch.manual_seed(1)
+    g, g_clean = torch.randn(4, 7), torch.randn(4, 7)
+    g_a = align(g, g_clean)
+    cos = torch.nn.functional.cosine_similarity(g_a.flatten(), g_clean.flatten(), dim=0)
+    assert cos == pytest.approx(1.0, abs=1e-6)  # |g·g_c| keeps it pointing along +g_c
+    assert g_a.norm() == pytest.approx(float((g * g_clean).sum().abs() / g_clean.norm()), rel=1e-5)
+    assert torch.equal(align(g, torch.zeros_like(g)), torch.zeros_like(g))
+    torch.testing.assert_close(mix(g_a, g, 0.25), 0.75 * g_a + 0.25 * g)
+
+
+def test_mu_follows_its_schedule():
+    cfg = MuScleLoRAConfig(mu_max=0.1, ga_start_epoch=1)
+    values = [mu_at(epoch, 10, cfg) for epoch in (0, 0.9, 1.0, 1.5, 5.0, 9.0, 9.99)]
+    assert values == pytest.approx([0, 0, 0, 0, 0.1 * 4 / 9, 0.1 * 8 / 9, 0.1 * 8 / 9])
+    assert mu_at(3, 1, cfg) == 0.0  # one epoch: never past the start epoch
+
+
+def test_prepare_wraps_the_pooler_and_trains_only_the_new_parts(tiny_bert, data_dir):
+    loaded = load_model(str(tiny_bert), num_labels=2)
+    from cleantune.data import DataConfig, load_splits
+    from cleantune.defenses.base import DefenseContext
+
+    splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir), seed=0)
+    ctx = DefenseContext("poisoned-data", splits.train, splits.dev, splits.dev, loaded.tokenizer, 2, 0)
+    model = MuScleLoRA(MuScleLoRAConfig(clean_aux=8)).prepare(loaded.model, ctx)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("pooler.dense.lora_L") for n in trainable)
+    assert any("query.lora_A" in n for n in trainable)
+    assert all("lora_" in n for n in trainable)  # head, W0 and the encoder stay frozen
+
+
+class Spy(MuScleLoRA):
+    seen: list = []
+
+    def prepare(self, model, ctx):
+        Spy.seen.append(ctx)
+        return super().prepare(model, ctx)
+
+
+def test_clean_samples_never_appear_in_the_selection_dev_set(tiny_tree, monkeypatch):
+    monkeypatch.setitem(defenses.REGISTRY, MuScleLoRAConfig, Spy)
+    Spy.seen.clear()
+    tree = {**tiny_tree, "defense": {"name": "muscle-lora", "clean_aux": 12, "aux_batch_size": 8}}
+    record = run(validate(tree, "test"))
+    ctx = Spy.seen[0]
+    assert len(ctx.clean_aux) == 12 and len(ctx.dev) == 40 - 12
+    assert not set(ctx.clean_aux["text"]) & set(ctx.dev["text"])
+    assert {f.name for f in dataclasses.fields(ctx)} >= {"clean_aux", "dev"}
+    assert record["trainable_params"] < record["total_params"]
+    assert (validate(tree, "test").run_dir / "model" / "model.safetensors").exists()  # merged product
+
+
+def test_gradient_alignment_edits_every_step(tiny_tree, monkeypatch):
+    edited: list[float] = []
+    original = MuScleLoRA.edit_gradients
+
+    def spy(self, model, step):
+        before = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+        original(self, model, step)
+        after = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        edited.append(max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True)))
+
+    monkeypatch.setattr(MuScleLoRA, "edit_gradients", spy)
+    tree = {**tiny_tree, "defense": {"name": "muscle-lora", "clean_aux": 8, "aux_batch_size": 8}}
+    tree["train"] = {"epochs": 1, "batch_size": 16, "lr": 1e-3}
+    run(validate(tree, "test"))
+    assert len(edited) == 8 and all(delta > 0 for delta in edited)
