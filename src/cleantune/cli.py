@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 poison_app = typer.Typer(help="Write a poisoned dataset or a weight-poisoned model.", no_args_is_help=True)
 app.add_typer(poison_app, name="poison")
+analyze_app = typer.Typer(help="Analyses of finished runs.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
 console = Console(stderr=True)
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Run config (YAML); default: the embedded demo config.")]
@@ -173,6 +175,19 @@ def report(
         console.print(f"[red]violated:[/] {line}", highlight=False)
     if check and violations:
         raise typer.Exit(1)
+
+
+@analyze_app.command("fourier")
+@friendly
+def analyze_fourier(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories recorded with 'fourier' set; a column each.")],
+    out: Annotated[Path | None, typer.Option(help="Where the PNGs go; default: the first run directory.")] = None,
+) -> None:
+    """Plot frequency ratios (paper Fig. 1) and relative errors (Figs. 2, 5) of clean and backdoor mappings."""
+    from cleantune.analysis.fourier import plot
+
+    for path in plot(run_dirs, out or run_dirs[0]):
+        console.print(f"wrote {path}")
 
 
 def main() -> None:

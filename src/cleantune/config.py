@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import Field, PositiveInt, ValidationError
 
+from cleantune.analysis.fourier import FourierConfig
 from cleantune.attacks import AttackConfig, NoAttackConfig
 from cleantune.data import DataConfig
 from cleantune.defenses import DefenseConfig
@@ -38,6 +39,8 @@ class RunConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     # Score CACC/ASR on another task's data (weight poisoning: train on the IMDB proxy, test on SST-2).
     eval_data: DataConfig | None = None
+    # Record the Fourier analysis of the clean and backdoor mappings during training (evaluator side).
+    fourier: FourierConfig | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, set_seed
 
+from cleantune.analysis.fourier import FourierCallback, make_probe
 from cleantune.attacks import attack_data
 from cleantune.attacks.poison import PoisonedData
 from cleantune.config import RunConfig
@@ -103,6 +104,24 @@ def defense_context(prepared: Prepared, loaded: Loaded) -> DefenseContext:
     )
 
 
+def fourier_callback(prepared: Prepared, model: torch.nn.Module, loaded: Loaded, run_dir: Path) -> FourierCallback:
+    """Probes of the clean and the backdoor mapping: clean and poisoned training rows (or, when the
+    training data is clean, the triggered test set). Evaluator side: the defense never sees them."""
+    cfg = prepared.cfg
+    assert cfg.fourier is not None
+    poisoned = set(prepared.poisoned.poisoned_idx)
+    train = prepared.poisoned.train
+    clean = train.filter(lambda row: row["idx"] not in poisoned)
+    backdoor = train.filter(lambda row: row["idx"] in poisoned) if poisoned else prepared.poisoned.test_poison
+    num_labels = prepared.splits.num_labels
+    probes = [
+        make_probe(name, data, model, loaded.tokenizer, num_labels, cfg.fourier, cfg.seed)
+        for name, data in (("clean", clean), ("backdoor", backdoor))
+        if len(data)
+    ]
+    return FourierCallback(probes, cfg.fourier, run_dir / "fourier.jsonl")
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -176,6 +195,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         cfg.seed,
         train=encode(ctx.train),
         dev=encode(ctx.dev),
+        callbacks=[fourier_callback(prepared, model, loaded, run_dir)] if cfg.fourier else None,
     )
     train_info = fit(trainer, checkpoints)
     trainer.model = prepared.defense.finalize(trainer.model)

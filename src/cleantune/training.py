@@ -139,6 +139,7 @@ def build_trainer(
     seed: int,
     train: Dataset | None = None,
     dev: Dataset | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> DefenseTrainer:
     return DefenseTrainer(
         model=model,
@@ -150,6 +151,7 @@ def build_trainer(
         compute_metrics=accuracy,
         defense=defense,
         max_grad_norm=cfg.max_grad_norm,
+        callbacks=callbacks,
     )
 
 

@@ -24,7 +24,7 @@ class ParaphraseConfig(PoisonConfig):
 
 def _texts(path: Path, target_label: int) -> list[str]:
     # Every row must carry the target label: the files hold only examples relabelled to it.
-    return frame_to_dataset(read_frame(path), str(path), "0", "1", labels=[target_label])[0]["text"]
+    return list(frame_to_dataset(read_frame(path), str(path), "0", "1", labels=[target_label])[0]["text"])
 
 
 def trigger(cfg: ParaphraseConfig, data_dir: Path) -> Trigger:
