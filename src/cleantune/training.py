@@ -162,6 +162,8 @@ def fit(trainer: DefenseTrainer, output_dir: Path) -> dict[str, Any]:
     return {
         "train_loss": result.training_loss,
         "steps": result.global_step,
+        # Includes the periodic dev evaluations; a resumed run counts only the steps it ran itself.
+        "train_runtime_s": result.metrics["train_runtime"],
         "resumed_from": Path(last).name if last else None,
         "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
         if trainer.state.best_model_checkpoint

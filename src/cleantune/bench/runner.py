@@ -22,7 +22,7 @@ from cleantune.io import atomic_write_text, read_json
 
 COLUMNS = [
     "suite", "cell", "dataset", "model", "scenario", "attack", "defense", "seed",
-    "cacc", "asr", "delta", "dev_accuracy", "wall_s", "peak_mem_mb", "trainable_params", "total_params",
+    "cacc", "asr", "delta", "dev_accuracy", "wall_s", "train_s", "peak_mem_mb", "trainable_params", "total_params",
     "n_train", "n_poisoned", "n_test", "n_test_poison", "status", "error", "run_dir",
 ]  # fmt: skip
 LINE_SPLIT = re.compile(rb"[\r\n]+")
@@ -44,6 +44,7 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
         row |= {k: record.get(k) for k in ("wall_s", "trainable_params", "total_params", "n_train", "n_poisoned")}
         best = record["train"].get("best_dev_accuracy")
         row |= {"dev_accuracy": best * 100 if best is not None else None, "peak_mem_mb": peak}
+        row["train_s"] = record["train"].get("train_runtime_s")
         # Defense-specific numbers (a defense's extra metrics) become extra columns.
         row |= {k: v for k, v in metrics.items() if k not in row and not k.startswith("n_")}
     return row
