@@ -190,5 +190,31 @@ def analyze_fourier(
         console.print(f"wrote {path}")
 
 
+@analyze_app.command("cost")
+@friendly
+def analyze_cost(
+    config: Annotated[Path, typer.Argument(help="Run config: model, data, attack and training settings.")],
+    defense: Annotated[list[str], typer.Option(help="A defense section as YAML, e.g. '{name: lora}'; repeatable.")],
+    steps: Annotated[int, typer.Option(min=1, help="Training steps timed per defense and round.")] = 20,
+    repeats: Annotated[int, typer.Option(min=1, help="Rounds; defenses alternate within each.")] = 2,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the timings as JSON here.")] = None,
+) -> None:
+    """Seconds per training step of each defense in one process; ratios to the first one."""
+    import json
+
+    import yaml
+
+    from cleantune.analysis.cost import compare, parse_defense
+    from cleantune.config import load_config
+    from cleantune.io import atomic_write_json
+
+    parsed = [parse_defense(yaml.safe_load(text)) for text in defense]
+    result = compare(load_config(config, set_), parsed, steps, repeats)
+    Console().print_json(json.dumps(result))
+    if out:
+        atomic_write_json(out, {**result, "config": str(config), "defenses": defense})
+
+
 def main() -> None:
     app()

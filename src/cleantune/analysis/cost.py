@@ -1,0 +1,63 @@
+"""Per-step training time of several defenses, measured in one process on the same data.
+
+Defenses alternate over ``repeats`` rounds (A B A B ...) so that drift in machine load hits them
+alike; the median seconds per step is reported with the ratio to the first defense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from transformers import set_seed
+
+from cleantune.config import RunConfig
+from cleantune.defenses import DefenseConfig, build_defense
+from cleantune.errors import CleantuneError
+from cleantune.models import load_model
+from cleantune.pipeline import defense_context, prepare
+from cleantune.training import TrainConfig, build_trainer, fit, tokenize
+
+
+def parse_defense(tree: Any) -> DefenseConfig:
+    try:
+        return TypeAdapter(DefenseConfig).validate_python(tree)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise CleantuneError(f"invalid defense {tree!r}: {problems}") from None
+
+
+def seconds_per_step(cfg: RunConfig, defense: DefenseConfig, steps: int) -> float:
+    prepared = prepare(cfg.model_copy(update={"defense": defense}))
+    prepared = dataclasses.replace(prepared, defense=build_defense(defense))
+    set_seed(cfg.seed)
+    loaded = load_model(cfg.model.spec, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
+    ctx = defense_context(prepared, loaded)
+    model = prepared.defense.prepare(loaded.model, ctx)
+    size = min(len(ctx.train), steps * cfg.train.batch_size * cfg.train.grad_accum)
+    train = tokenize(ctx.train.select(range(size)), loaded.tokenizer, cfg.model.max_length)
+    args = TrainConfig(**{**cfg.train.model_dump(), "epochs": 1, "select_best": False})
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = build_trainer(model, loaded.tokenizer, prepared.defense, args, Path(scratch), cfg.seed, train=train)
+        info = fit(trainer, Path(scratch) / "none")
+    return info["train_runtime_s"] / max(info["steps"], 1)
+
+
+def compare(cfg: RunConfig, defenses: list[DefenseConfig], steps: int, repeats: int) -> dict[str, Any]:
+    times: dict[str, list[float]] = {d.name: [] for d in defenses}
+    for _ in range(repeats):
+        for defense in defenses:
+            times[defense.name].append(seconds_per_step(cfg, defense, steps))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    reference = defenses[0].name
+    return {
+        "steps": steps,
+        "repeats": repeats,
+        "seconds_per_step": medians,
+        "all_runs": times,
+        f"ratio_to_{reference}": {name: value / medians[reference] for name, value in medians.items()},
+    }
