@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -79,6 +80,9 @@ def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path, data_dir,
 
     assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 3}
     assert len(pd.read_csv(tmp_path / "results" / "tiny.csv")) == 3
+    log = [json.loads(line) for line in (tmp_path / "results" / "tiny.runs.jsonl").read_text().splitlines()]
+    assert [(e["done"], e["skipped"]) for e in log] == [(3 - len(finished), len(finished)), (0, 3)]
+    assert "`cleantune bench` invocations" in write_report(str(path))[0].read_text()
 
 
 def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, tiny_bert):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cleantune.bench.runner import results_path  # noqa: E402
+from cleantune.bench.runner import results_path, runs_log_path  # noqa: E402
 from cleantune.bench.suite import SuiteConfig, load_suite, matches  # noqa: E402
 from cleantune.errors import CleantuneError  # noqa: E402
 from cleantune.io import atomic_write_text  # noqa: E402
@@ -77,7 +78,7 @@ def scatter(rows: pd.DataFrame, title: str, path: Path) -> None:
     for defense, sub in rows.groupby("defense", sort=False):
         means = sub.groupby("attack")[["cacc", "asr"]].mean()
         ax.scatter(means["cacc"], means["asr"], label=defense, s=40)
-        for attack, point in means.iterrows():
+        for attack, point in means.iterrows() if rows.attack.nunique() > 1 else ():
             ax.annotate(
                 str(attack), (point["cacc"], point["asr"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
@@ -114,6 +115,22 @@ def check_expectations(suite: SuiteConfig, table: pd.DataFrame) -> list[str]:
     return violations
 
 
+def run_times(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
+    lines = [
+        f"Summed wall time of the finished cells: {done['wall_s'].sum() / 60:.1f} min "
+        "(each cell's own run, without process start-up)."
+    ]
+    log = runs_log_path(suite)
+    if log.exists():
+        lines += ["", "`cleantune bench` invocations (cells run / failed / already finished):", ""]
+        for entry in map(json.loads, log.read_text(encoding="utf-8").splitlines()):
+            lines.append(
+                f"- {entry['started_utc']}: {entry['wall_s'] / 60:.1f} min on {entry['cpus']} CPUs, "
+                f"{entry['done']} / {entry['failed']} / {entry['skipped']}"
+            )
+    return [*lines, ""]
+
+
 def write_report(name: str) -> tuple[Path, list[str]]:
     suite = find_suite(name)
     csv = results_path(suite)
@@ -125,6 +142,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
     parts = [f"# Benchmark `{suite.suite}`", "", suite.description.strip(), ""]
     if suite.command:
         parts += ["Made by:", "", "```", suite.command.strip(), "```", ""]
+    parts += run_times(suite, done)
     parts += [
         f"Cells: {len(done)} done, {(table.status == 'failed').sum()} failed, of {len(table)} recorded. "
         "CACC and ASR in %; mean ± std over seeds where there are several; lowest ASR per attack in bold.",

@@ -8,9 +8,13 @@ goes on. Rows are upserted by cell id into ``<results_dir>/<suite>.csv`` with an
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +96,7 @@ def run_suite(path: Path, only: str | None = None) -> dict[str, int]:
     todo = [c for c in cells(suite) if only is None or only in c.id or c.poisons]
     out = results_path(suite)
     summary = {"done": 0, "failed": 0, "skipped": 0}
+    started = time.time()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
     ) as progress:
@@ -109,4 +114,23 @@ def run_suite(path: Path, only: str | None = None) -> dict[str, int]:
                 upsert(out, row_for(suite, cell, record, "" if record else last_error(log)))
                 summary["done" if record else "failed"] += 1
             progress.advance(overall)
+    log_run(suite, started, summary, only)
     return summary
+
+
+def runs_log_path(suite: SuiteConfig) -> Path:
+    return suite.results_dir / f"{suite.suite}.runs.jsonl"
+
+
+def log_run(suite: SuiteConfig, started: float, summary: dict[str, int], only: str | None) -> None:
+    """One line per ``cleantune bench`` invocation, so a report can quote how long the suite took."""
+    entry = {
+        "started_utc": datetime.fromtimestamp(started, tz=UTC).isoformat(timespec="seconds"),
+        "wall_s": round(time.time() - started, 1),
+        "only": only,
+        "cpus": os.cpu_count(),
+        **summary,
+    }
+    path = runs_log_path(suite)
+    previous = path.read_text(encoding="utf-8") if path.exists() else ""
+    atomic_write_text(path, previous + json.dumps(entry) + "\n")
