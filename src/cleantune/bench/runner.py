@@ -79,7 +79,9 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
     verb = ["poison", "weights"] if cell.poisons else ["run"]
     command = [sys.executable, "-m", "cleantune", *verb, str(config_path)]
     with log.open("wb") as sink:
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Unbuffered, so the log and the progress line follow the child as it runs.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         assert child.stdout is not None
         for chunk in iter(lambda: child.stdout.read1(4096), b""):  # type: ignore[union-attr]
             sink.write(chunk)
