@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -35,6 +36,8 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Deprecation notices between transformers and peft are for their developers, not our users.
+        warnings.filterwarnings("ignore", category=FutureWarning)
         from transformers.utils import logging
 
         logging.set_verbosity_error()
