@@ -59,7 +59,7 @@ def test_prepare_wraps_the_pooler_and_trains_only_the_new_parts(tiny_bert, data_
     from cleantune.defenses.base import DefenseContext
 
     splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir), seed=0)
-    ctx = DefenseContext("poisoned-data", splits.train, splits.dev, splits.dev, loaded.tokenizer, 2, 0)
+    ctx = DefenseContext("poisoned-data", splits.train, splits.dev, splits.dev, loaded.tokenizer, 32, 2, 0)
     model = MuScleLoRA(MuScleLoRAConfig(clean_aux=8)).prepare(loaded.model, ctx)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.endswith("pooler.dense.lora_L") for n in trainable)

@@ -107,7 +107,7 @@ def test_a_defense_cannot_reach_the_trigger(tiny_tree, monkeypatch):
     run(cfg)
     ctx = Spy.seen[0]
     fields = {f.name for f in dataclasses.fields(ctx)}
-    assert fields == {"scenario", "train", "dev", "clean_aux", "tokenizer", "num_labels", "seed"}
+    assert fields == {"scenario", "train", "dev", "clean_aux", "tokenizer", "max_length", "num_labels", "seed"}
     assert ctx.train.column_names == ["text", "label"]  # no idx to match against the poison record
     assert ctx.dev.column_names == ["text", "label"]
     assert not any("cf" in text.split() for text in ctx.dev["text"])  # dev is clean: no triggered test rows

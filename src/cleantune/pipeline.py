@@ -99,6 +99,7 @@ def defense_context(prepared: Prepared, loaded: Loaded) -> DefenseContext:
         dev=dev.select_columns(["text", "label"]),
         clean_aux=aux.select_columns(["text", "label"]) if aux is not None else None,
         tokenizer=loaded.tokenizer,
+        max_length=cfg.model.max_length,
         num_labels=prepared.splits.num_labels,
         seed=cfg.seed,
     )

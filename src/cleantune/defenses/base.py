@@ -31,6 +31,7 @@ class DefenseContext:
     dev: Dataset  # clean data for checkpoint selection, disjoint from clean_aux
     clean_aux: Dataset | None  # a few trusted clean samples, when the defense declares it needs them
     tokenizer: PreTrainedTokenizerBase
+    max_length: int  # the run's tokenization limit
     num_labels: int
     seed: int
 

@@ -201,7 +201,7 @@ class MuScleLoRA(Defense):
         if ctx.clean_aux is None or len(ctx.clean_aux) == 0:
             raise CleantuneError("gradient alignment needs clean auxiliary samples (defense.clean_aux)")
         encoded = ctx.clean_aux.map(
-            lambda batch: ctx.tokenizer(batch["text"], truncation=True, max_length=512),
+            lambda batch: ctx.tokenizer(batch["text"], truncation=True, max_length=ctx.max_length),
             batched=True,
             remove_columns=["text"],
         ).rename_column("label", "labels")
