@@ -10,7 +10,7 @@ from conftest import kill_cleantune_when
 from typer.testing import CliRunner
 
 from cleantune.bench.report import write_report
-from cleantune.bench.runner import run_suite
+from cleantune.bench.runner import run_suite, select
 from cleantune.bench.suite import cells, load_suite
 from cleantune.cli import app
 from cleantune.errors import CleantuneError
@@ -129,6 +129,7 @@ def test_poisoned_model_jobs_run_first_and_feed_their_cells(tmp_path, data_dir, 
     found = cells(load_suite(path))
     assert [c.id for c in found] == ["poison-proxy-mn", "sst2__tiny-poisoned__badnet__lora__s42"]
     assert found[1].config.model.spec == str(tmp_path / "runs" / "tiny" / "poison-proxy-mn" / "model")
+    assert select(found, "lora") == found and select(found, "nothing") == []
     assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
     assert (tmp_path / "runs" / "tiny" / "poison-proxy-mn" / "model" / "poison_record.json").exists()
     table = pd.read_csv(tmp_path / "results" / "tiny.csv").set_index("defense")

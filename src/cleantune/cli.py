@@ -152,7 +152,9 @@ def models() -> None:
 @friendly
 def bench(
     suite: Annotated[Path, typer.Argument(help="Suite YAML, e.g. benchmarks/smoke.yaml.")],
-    only: Annotated[str | None, typer.Option(help="Run only cells whose id contains this text.")] = None,
+    only: Annotated[
+        str | None, typer.Option(help="Run only cells whose id contains this text, and the poisoned models they use.")
+    ] = None,
 ) -> None:
     """Run a suite's matrix, one run per cell; finished cells are skipped, failed ones recorded."""
     from cleantune.bench.runner import run_suite

@@ -93,9 +93,18 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
     return read_json(metrics) if code == 0 and metrics.exists() else None
 
 
+def select(all_cells: list[Cell], only: str | None) -> list[Cell]:
+    """Cells whose id contains ``only``, and the poisoned-model jobs those cells load."""
+    if only is None:
+        return all_cells
+    chosen = [c for c in all_cells if not c.poisons and only in c.id]
+    specs = {str(c.config.model.spec) for c in chosen}
+    return [c for c in all_cells if c.poisons and str(c.config.run_dir / "model") in specs] + chosen
+
+
 def run_suite(path: Path, only: str | None = None) -> dict[str, int]:
     suite = load_suite(path)
-    todo = [c for c in cells(suite) if only is None or only in c.id or c.poisons]
+    todo = select(cells(suite), only)
     out = results_path(suite)
     summary = {"done": 0, "failed": 0, "skipped": 0}
     started = time.time()
