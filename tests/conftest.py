@@ -170,3 +170,19 @@ def kill_cleantune_when(args: list[str], ready: Callable[[], bool], timeout: flo
         time.sleep(0.05)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
+
+
+def record_contexts(monkeypatch: pytest.MonkeyPatch, config_class: type) -> list:
+    """Make the defense registered for ``config_class`` record each DefenseContext it is given."""
+    from cleantune import defenses
+
+    seen: list = []
+    base = defenses.REGISTRY[config_class]
+
+    class Recording(base):  # type: ignore[misc, valid-type]
+        def prepare(self, model, ctx):
+            seen.append(ctx)
+            return super().prepare(model, ctx)
+
+    monkeypatch.setitem(defenses.REGISTRY, config_class, Recording)
+    return seen

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import record_contexts
 from torch import nn
 
-from cleantune import defenses
 from cleantune.config import validate
 from cleantune.defenses.muscle_lora import (
     MultiScaleLinear,
@@ -67,20 +67,11 @@ def test_prepare_wraps_the_pooler_and_trains_only_the_new_parts(tiny_bert, data_
     assert all("lora_" in n for n in trainable)  # head, W0 and the encoder stay frozen
 
 
-class Spy(MuScleLoRA):
-    seen: list = []
-
-    def prepare(self, model, ctx):
-        Spy.seen.append(ctx)
-        return super().prepare(model, ctx)
-
-
 def test_clean_samples_never_appear_in_the_selection_dev_set(tiny_tree, monkeypatch):
-    monkeypatch.setitem(defenses.REGISTRY, MuScleLoRAConfig, Spy)
-    Spy.seen.clear()
+    seen = record_contexts(monkeypatch, MuScleLoRAConfig)
     tree = {**tiny_tree, "defense": {"name": "muscle-lora", "clean_aux": 12, "aux_batch_size": 8}}
     record = run(validate(tree, "test"))
-    ctx = Spy.seen[0]
+    ctx = seen[0]
     assert len(ctx.clean_aux) == 12 and len(ctx.dev) == 40 - 12
     assert not set(ctx.clean_aux["text"]) & set(ctx.dev["text"])
     assert {f.name for f in dataclasses.fields(ctx)} >= {"clean_aux", "dev"}

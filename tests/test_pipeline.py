@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 import yaml
-from conftest import kill_cleantune_when, run_tree
+from conftest import kill_cleantune_when, record_contexts, run_tree
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -91,21 +91,12 @@ def test_finished_runs_are_not_redone(tiny_tree):
     assert (cfg.run_dir / "metrics.json").stat().st_mtime_ns == stamp
 
 
-class Spy(PeftBaseline):
-    seen: list = []
-
-    def prepare(self, model, ctx):
-        Spy.seen.append(ctx)
-        return super().prepare(model, ctx)
-
-
 def test_a_defense_cannot_reach_the_trigger(tiny_tree, monkeypatch):
-    monkeypatch.setitem(defenses.REGISTRY, LoraFamilyConfig, Spy)
-    Spy.seen.clear()
+    seen = record_contexts(monkeypatch, LoraFamilyConfig)
     tree = {**tiny_tree, "attack": {"name": "badnet", "triggers": ["cf"], "rate": 0.2, "target_label": 1}}
     cfg = config(tree)
     run(cfg)
-    ctx = Spy.seen[0]
+    ctx = seen[0]
     fields = {f.name for f in dataclasses.fields(ctx)}
     assert fields == {"scenario", "train", "dev", "clean_aux", "tokenizer", "max_length", "num_labels", "seed"}
     assert ctx.train.column_names == ["text", "label"]  # no idx to match against the poison record
