@@ -41,6 +41,7 @@ class Prepared:
     """Validated inputs of a run; ``poisoned`` and ``eval_splits`` stay on the evaluator's side."""
 
     cfg: RunConfig
+    model_path: Path  # the model spec resolved once: hub snapshot, local directory or packaged copy
     splits: Splits
     poisoned: PoisonedData
     eval_splits: Splits
@@ -71,19 +72,19 @@ def prepare(cfg: RunConfig) -> Prepared:
             f"defense '{cfg.defense.name}' does not handle scenario '{cfg.scenario}' "
             f"(it handles: {', '.join(sorted(defense.scenarios))})"
         )
-    resolve(cfg.model.spec, cfg.model.allow_pickle)
+    model_path = resolve(cfg.model.spec, cfg.model.allow_pickle)
     splits = load_splits(cfg.data, cfg.seed)
     poison_train = cfg.scenario == "poisoned-data"
     poisoned = attack_data(cfg.attack, splits, cfg.data.data_dir, cfg.seed, train=poison_train)
     if cfg.eval_data is None:
-        return Prepared(cfg, splits, poisoned, splits, poisoned, defense)
+        return Prepared(cfg, model_path, splits, poisoned, splits, poisoned, defense)
     eval_splits = load_splits(cfg.eval_data, cfg.seed)
     if eval_splits.label_names != splits.label_names:
         raise CleantuneError(
             f"eval_data labels {eval_splits.label_names} differ from the training labels {splits.label_names}"
         )
     eval_poisoned = attack_data(cfg.attack, eval_splits, cfg.eval_data.data_dir, cfg.seed, train=False)
-    return Prepared(cfg, splits, poisoned, eval_splits, eval_poisoned, defense)
+    return Prepared(cfg, model_path, splits, poisoned, eval_splits, eval_poisoned, defense)
 
 
 def defense_context(prepared: Prepared, loaded: Loaded) -> DefenseContext:
@@ -178,7 +179,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     )
 
     set_seed(cfg.seed)
-    loaded = load_model(cfg.model.spec, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
+    loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
     ctx = defense_context(prepared, loaded)
     model = prepared.defense.prepare(loaded.model, ctx)
     trainable, total = count_parameters(model)

@@ -35,7 +35,7 @@ def seconds_per_step(cfg: RunConfig, defense: DefenseConfig, steps: int) -> floa
     prepared = prepare(cfg.model_copy(update={"defense": defense}))
     prepared = dataclasses.replace(prepared, defense=build_defense(defense))
     set_seed(cfg.seed)
-    loaded = load_model(cfg.model.spec, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
+    loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
     ctx = defense_context(prepared, loaded)
     model = prepared.defense.prepare(loaded.model, ctx)
     size = min(len(ctx.train), steps * cfg.train.batch_size * cfg.train.grad_accum)
