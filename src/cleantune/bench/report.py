@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cleantune.bench.runner import results_path, runs_log_path  # noqa: E402
-from cleantune.bench.suite import SuiteConfig, load_suite, matches  # noqa: E402
+from cleantune.bench.suite import BEFORE_DEFENSE, SuiteConfig, load_suite, matches  # noqa: E402
 from cleantune.errors import CleantuneError  # noqa: E402
 from cleantune.io import atomic_write_text  # noqa: E402
 
@@ -149,7 +149,8 @@ def write_report(name: str) -> tuple[Path, list[str]]:
         "",
     ]
     for keys, rows in done.groupby(GROUP, sort=False):
-        defenses = list(dict.fromkeys(rows.defense))
+        # A poisoned model's own row first, then the defenses in suite order.
+        defenses = sorted(dict.fromkeys(rows.defense), key=lambda d: d != BEFORE_DEFENSE)
         attacks = list(dict.fromkeys(rows.attack))
         title = " · ".join(str(k) for k in keys)
         image = f"{suite.suite}-{'-'.join(str(k) for k in keys)}.png".replace("/", "_")

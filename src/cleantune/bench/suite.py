@@ -24,6 +24,7 @@ from cleantune.schema import StrictModel
 Fragment = dict[str, Any]
 AXES = ("dataset", "model", "attack", "defense")
 POISONED_PREFIX = "poisoned:"
+BEFORE_DEFENSE = "before defense"  # the defense name of a poisoned model's own row
 
 
 class Rule(StrictModel):
@@ -139,7 +140,7 @@ def cells(suite: SuiteConfig) -> list[Cell]:
         attack = tree.get("attack", {}).get("name", "none")
         # The poisoned model's own row belongs beside the defenses applied to it.
         coords = {"dataset": "proxy", "model": name, "attack": attack, "scenario": "poisoned-weights", **job.coords}
-        coords |= {"defense": "before defense", "seed": tree.get("seed", 42)}
+        coords |= {"defense": BEFORE_DEFENSE, "seed": tree.get("seed", 42)}
         out.append(Cell(cell_id, coords, validate(tree, f"{suite.suite}:{cell_id}"), poisons=True))
     for block in blocks(suite):
         for combo in itertools.product(*(block[axis] for axis in AXES), suite.seeds):
