@@ -68,3 +68,17 @@ def test_gradients_are_clipped_after_the_defense_edits_them(tiny_bert, data_dir,
 def test_no_clipping_when_disabled(tiny_bert, data_dir, tmp_path):
     _, recorder = train(tiny_bert, data_dir, tmp_path, Hooks(blow_up=True), max_grad_norm=0.0)
     assert min(recorder.norms) > 1e3
+
+
+def test_progress_bar_stays_on_when_transformers_logs_only_errors(tmp_path):
+    from transformers.utils import logging
+
+    from cleantune.training import training_arguments
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        args = training_arguments(TrainConfig(), tmp_path, seed=0, has_dev=False)
+    finally:
+        logging.set_verbosity(previous)
+    assert args.disable_tqdm is False

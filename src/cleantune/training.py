@@ -126,6 +126,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: b
         data_seed=seed,
         bf16=cfg.bf16,
         report_to=[],
+        disable_tqdm=False,  # the Trainer hides its bar when transformers logs only errors, as our CLI sets
         dataloader_pin_memory=torch.cuda.is_available(),
     )
 
