@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -89,6 +90,7 @@ def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, t
     extra = {
         "defense": {"lora": {"defense": {"name": "lora", "r": 2}}, "broken": {"model": {"spec": "./no/such/model"}}},
         "expect": [{"match": {"defense": "lora"}, "bounds": {"asr": "<= -1"}}],
+        "overrides": [{"match": {"defense": "lora"}, "set": {"fourier": {"every": 2, "samples": 8, "max_length": 16}}}],
     }
     path = write_suite(tmp_path, data_dir, tiny_bert, **extra)
     assert run_suite(path) == {"done": 1, "failed": 1, "skipped": 0}
@@ -105,6 +107,18 @@ def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, t
     assert violations == [f"sst2__tiny__badnet__lora__s42: asr = {table.loc['lora', 'asr']}, expected <= -1"]
     result = CliRunner().invoke(app, ["report", str(path), "--check"])
     assert result.exit_code == 1
+
+    # The Fourier curves survive without the run directories; a one-process timing joins the report.
+    shutil.rmtree(tmp_path / "runs")
+    cost = {"command": "cleantune analyze cost ...", "steps": 5, "repeats": 2, "reference": "lora"}
+    cost |= {"seconds_per_step": {"lora": 0.5, "fft": 1.5}, "ratio_to_reference": {"lora": 1.0, "fft": 3.0}}
+    (tmp_path / "results" / "tiny.cost.json").write_text(json.dumps(cost))
+    text = write_report(str(path))[0].read_text()
+    assert "## Fourier analysis" in text and "| fft | 1.500 | 3.00 |" in text
+    assert {p.name for p in (tmp_path / "reports").glob("tiny-fourier-*.png")} == {
+        "tiny-fourier-ratios.png",
+        "tiny-fourier-errors.png",
+    }
 
 
 def test_poisoned_model_jobs_run_first_and_feed_their_cells(tmp_path, data_dir, tiny_bert):
@@ -129,7 +143,7 @@ def test_poisoned_model_jobs_run_first_and_feed_their_cells(tmp_path, data_dir, 
     found = cells(load_suite(path))
     assert [c.id for c in found] == ["poison-proxy-mn", "sst2__tiny-poisoned__badnet__lora__s42"]
     assert found[1].config.model.spec == str(tmp_path / "runs" / "tiny" / "poison-proxy-mn" / "model")
-    assert select(found, "lora") == found and select(found, "nothing") == []
+    assert select(found, ["nothing", "lora"]) == found and select(found, ["nothing"]) == []
     assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
     assert (tmp_path / "runs" / "tiny" / "poison-proxy-mn" / "model" / "poison_record.json").exists()
     table = pd.read_csv(tmp_path / "results" / "tiny.csv").set_index("defense")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -36,6 +37,15 @@ def test_relative_errors_vanish_for_a_perfect_fit():
     embeddings, targets = torch.randn(20, 4), torch.eye(2)[torch.randint(0, 2, (20,))]
     target_low = low_pass(embeddings, targets, 4.0, "squared", 8)
     assert relative_errors(targets, target_low, targets, target_low) == pytest.approx((0.0, 0.0), abs=1e-6)
+
+
+def test_high_frequency_error_is_undefined_for_constant_targets():
+    embeddings = torch.randn(12, 5)
+    targets = torch.tensor([[0.0, 1.0]]).repeat(12, 1)  # a backdoor mapping: every target is the target label
+    outputs = torch.softmax(torch.randn(12, 2), dim=1)
+    low = low_pass(embeddings, outputs, 4.0, "squared", 5)
+    re_low, re_high = relative_errors(outputs, low, targets, low_pass(embeddings, targets, 4.0, "squared", 5))
+    assert math.isnan(re_high) and 0 < re_low < 2
 
 
 def test_training_records_both_mappings_and_plots_them(tiny_tree, tmp_path):

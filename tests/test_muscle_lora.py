@@ -51,6 +51,8 @@ def test_mu_follows_its_schedule():
     values = [mu_at(epoch, 10, cfg) for epoch in (0, 0.9, 1.0, 1.5, 5.0, 9.0, 9.99)]
     assert values == pytest.approx([0, 0, 0, 0, 0.1 * 4 / 9, 0.1 * 8 / 9, 0.1 * 8 / 9])
     assert mu_at(3, 1, cfg) == 0.0  # one epoch: never past the start epoch
+    per_step = MuScleLoRAConfig(mu_max=0.1, ga_start_epoch=0, mu_schedule="step")
+    assert [mu_at(epoch, 1, per_step) for epoch in (0.0, 0.25, 0.5)] == pytest.approx([0.0, 0.025, 0.05])
 
 
 def test_prepare_wraps_the_pooler_and_trains_only_the_new_parts(tiny_bert, data_dir):
@@ -65,6 +67,21 @@ def test_prepare_wraps_the_pooler_and_trains_only_the_new_parts(tiny_bert, data_
     assert any(n.endswith("pooler.dense.lora_L") for n in trainable)
     assert any("query.lora_A" in n for n in trainable)
     assert all("lora_" in n for n in trainable)  # head, W0 and the encoder stay frozen
+
+
+def test_decoders_get_the_authors_two_layer_score_head(tiny_llama, data_dir):
+    loaded = load_model(str(tiny_llama), num_labels=2)
+    from cleantune.data import DataConfig, load_splits
+    from cleantune.defenses.base import DefenseContext
+
+    splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir), seed=0)
+    ctx = DefenseContext("poisoned-data", splits.train, splits.dev, splits.dev, loaded.tokenizer, 32, 2, 0)
+    model = MuScleLoRA(MuScleLoRAConfig(clean_aux=8)).prepare(loaded.model, ctx)
+    head = model.get_submodule("base_model.model.score")
+    assert isinstance(head[0], MultiScaleLinear) and head[0].base.out_features == 16 and head[2].out_features == 2
+    assert head[0].S.tolist() == [1, 2, 3, 4]  # the authors' LLM scales
+    batch = loaded.tokenizer(["a b c", "d"], return_tensors="pt", padding=True)
+    assert model(**batch).logits.shape == (2, 2)
 
 
 def test_clean_samples_never_appear_in_the_selection_dev_set(tiny_tree, monkeypatch):
@@ -94,3 +111,18 @@ def test_gradient_alignment_edits_every_step(tiny_tree, monkeypatch):
     tree["train"] = {"epochs": 1, "batch_size": 16, "lr": 1e-3}
     run(validate(tree, "test"))
     assert len(edited) == 8 and all(delta > 0 for delta in edited)
+
+
+def test_clean_gradient_is_reused_between_recomputations(tiny_tree, monkeypatch):
+    computed: list[int] = []
+    original = MuScleLoRA._clean_gradients
+
+    def spy(self, model, params, step):
+        computed.append(step.global_step)
+        return original(self, model, params, step)
+
+    monkeypatch.setattr(MuScleLoRA, "_clean_gradients", spy)
+    tree = {**tiny_tree, "defense": {"name": "muscle-lora", "clean_aux": 8, "aux_batch_size": 8, "clean_every": 3}}
+    tree["train"] = {"epochs": 1, "batch_size": 16, "lr": 1e-3}
+    run(validate(tree, "test"))
+    assert computed == [0, 3, 6]  # 8 steps, a fresh clean gradient every third

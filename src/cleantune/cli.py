@@ -153,7 +153,10 @@ def models() -> None:
 def bench(
     suite: Annotated[Path, typer.Argument(help="Suite YAML, e.g. benchmarks/smoke.yaml.")],
     only: Annotated[
-        str | None, typer.Option(help="Run only cells whose id contains this text, and the poisoned models they use.")
+        list[str] | None,
+        typer.Option(
+            help="Run only cells whose id contains this text (repeat for several), and the poisoned models they use."
+        ),
     ] = None,
 ) -> None:
     """Run a suite's matrix, one run per cell; finished cells are skipped, failed ones recorded."""
@@ -207,6 +210,7 @@ def analyze_cost(
 ) -> None:
     """Seconds per training step of each defense in one process; ratios to the first one."""
     import json
+    import shlex
 
     import yaml
 
@@ -218,7 +222,10 @@ def analyze_cost(
     result = compare(load_config(config, set_), parsed, steps, repeats)
     Console().print_json(json.dumps(result))
     if out:
-        atomic_write_json(out, {**result, "config": str(config), "defenses": defense})
+        options = [("--defense", d) for d in defense] + [("--set", kv) for kv in set_ or []]
+        flags = [x for pair in options for x in pair] + ["--steps", str(steps), "--repeats", str(repeats)]
+        command = shlex.join(["cleantune", "analyze", "cost", str(config), *flags, "--out", str(out)])
+        atomic_write_json(out, {**result, "command": command, "config": str(config), "defenses": defense})
 
 
 def main() -> None:

@@ -47,17 +47,27 @@ def seconds_per_step(cfg: RunConfig, defense: DefenseConfig, steps: int) -> floa
     return info["train_runtime_s"] / max(info["steps"], 1)
 
 
+def label(defense: DefenseConfig) -> str:
+    """The defense's name and the settings it changes, so two configs of one defense stay apart."""
+    changed = defense.model_dump(exclude_defaults=True, exclude={"name"})
+    return defense.name + (f"({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
+
+
 def compare(cfg: RunConfig, defenses: list[DefenseConfig], steps: int, repeats: int) -> dict[str, Any]:
-    times: dict[str, list[float]] = {d.name: [] for d in defenses}
+    labels = [label(d) for d in defenses]
+    if len(set(labels)) < len(labels):
+        raise CleantuneError(f"the same defense config is given twice: {', '.join(labels)}")
+    times: dict[str, list[float]] = {name: [] for name in labels}
     for _ in range(repeats):
-        for defense in defenses:
-            times[defense.name].append(seconds_per_step(cfg, defense, steps))
+        for name, defense in zip(labels, defenses, strict=True):
+            times[name].append(seconds_per_step(cfg, defense, steps))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    reference = defenses[0].name
+    reference = labels[0]
     return {
         "steps": steps,
         "repeats": repeats,
         "seconds_per_step": medians,
         "all_runs": times,
-        f"ratio_to_{reference}": {name: value / medians[reference] for name, value in medians.items()},
+        "reference": reference,
+        "ratio_to_reference": {name: value / medians[reference] for name, value in medians.items()},
     }

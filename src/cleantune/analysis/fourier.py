@@ -10,6 +10,7 @@ held and far-apart embeddings do not underflow to an all-zero row.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,12 +63,15 @@ def frequency_ratios(values: torch.Tensor, low: torch.Tensor) -> tuple[float, fl
 def relative_errors(
     outputs: torch.Tensor, low: torch.Tensor, targets: torch.Tensor, target_low: torch.Tensor
 ) -> tuple[float, float]:
-    """Eq. 2: re_low = mean‖y_low − t_low‖ / mean‖t_low‖, and the same for the high parts."""
+    """Eq. 2: re_low = mean‖y_low − t_low‖ / mean‖t_low‖, and the same for the high parts.
+
+    re_high is NaN when the targets have no high-frequency part, as for a backdoor mapping whose
+    targets are all the target label: dividing by a vanishing norm would plot noise as a huge error.
+    """
     high, target_high = outputs - low, targets - target_low
-    return (
-        float(_mean_norm(low - target_low) / _mean_norm(target_low)),
-        float(_mean_norm(high - target_high) / _mean_norm(target_high).clamp_min(1e-12)),
-    )
+    high_norm = _mean_norm(target_high)
+    re_high = math.nan if high_norm <= 1e-6 * _mean_norm(targets) else float(_mean_norm(high - target_high) / high_norm)
+    return float(_mean_norm(low - target_low) / _mean_norm(target_low)), re_high
 
 
 @dataclass
@@ -133,9 +137,10 @@ class FourierCallback(TrainerCallback):
                 sink.write(json.dumps(row | measure(kwargs["model"], probe, self.cfg)) + "\n")
 
 
-def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's measurements; after a resume the later measurement of a step wins."""
-    path = Path(run_dir) / "fourier.jsonl"
+def read_rows(source: Path) -> list[dict[str, Any]]:
+    """A run's measurements (its directory, or a copy of its fourier.jsonl); after a resume the later
+    measurement of a step wins."""
+    path = source if source.suffix == ".jsonl" else source / "fourier.jsonl"
     if not path.exists():
         from cleantune.errors import CleantuneError
 
@@ -147,14 +152,15 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(latest.values(), key=lambda r: (r["mapping"], r["step"]))
 
 
-def plot(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """Figures 1, 2 and 5: frequency ratios and relative errors over training, one column per run."""
+def plot(sources: list[Path], out_dir: Path, prefix: str = "") -> list[Path]:
+    """Figures 1, 2 and 5: frequency ratios and relative errors over training, one column per run
+    (a run directory or a fourier.jsonl copy named after its run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(Path(d).name, read_rows(Path(d))) for d in run_dirs]
+    runs = [(Path(d).stem if Path(d).suffix == ".jsonl" else Path(d).name, read_rows(Path(d))) for d in sources]
     panels = {"ratios": (("lfr", "LFR"), ("hfr", "HFR")), "errors": (("re_low", "re low"), ("re_high", "re high"))}
     written = []
     for kind, metrics in panels.items():
@@ -172,8 +178,10 @@ def plot(run_dirs: list[Path], out_dir: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"fourier-{kind}.png"
-        fig.savefig(path, dpi=110)
+        path = out_dir / f"{prefix}fourier-{kind}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=110)
         plt.close(fig)
+        tmp.replace(path)
         written.append(path)
     return written

@@ -44,8 +44,10 @@ def cell_text(values: pd.Series) -> str:
 def results_table(rows: pd.DataFrame, defenses: list[str], attacks: list[str]) -> str:
     """Rows defenses, columns attack x {CACC, ASR}; the lowest mean ASR of each attack in bold."""
     best = {a: rows[rows.attack == a].groupby("defense")["asr"].mean().min() for a in attacks}
-    header = "| Defense | " + " | ".join(f"{a} CACC ↑ | {a} ASR ↓" for a in attacks) + " |"
-    lines = [header, "|---|" + "---:|" * (2 * len(attacks))]
+    average = len(attacks) > 1
+    header = "| Defense | " + " | ".join(f"{a} CACC ↑ | {a} ASR ↓" for a in attacks)
+    header += " | mean CACC | mean ASR |" if average else " |"
+    lines = [header, "|---|" + "---:|" * (2 * len(attacks) + 2 * average)]
     for defense in defenses:
         cells = []
         for attack in attacks:
@@ -54,6 +56,11 @@ def results_table(rows: pd.DataFrame, defenses: list[str], attacks: list[str]) -
             if not sub["asr"].dropna().empty and sub["asr"].mean() == best[attack]:
                 asr = f"**{asr}**"
             cells += [cell_text(sub["cacc"]), asr]
+        if average:
+            # Only over attacks with a finished cell; a partly run row says how many it averages.
+            means = rows[rows.defense == defense].groupby("attack")[["cacc", "asr"]].mean()
+            n = f" ({len(means)}/{len(attacks)})" if len(means) < len(attacks) else ""
+            cells += [f"{means['cacc'].mean():.2f}{n}", f"{means['asr'].mean():.2f}{n}"]
         lines.append(f"| {defense} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -131,6 +138,54 @@ def run_times(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
+def fourier_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
+    """Fourier curves of the cells that recorded them; the measurements are copied next to the
+    results so that the figures can be remade from a checkout without the run directories."""
+    from cleantune.analysis.fourier import plot
+
+    store = suite.results_dir / f"{suite.suite}.fourier"
+    for row in done.itertuples():
+        source = Path(str(row.run_dir)) / "fourier.jsonl"
+        if source.exists():
+            atomic_write_text(store / f"{row.cell}.jsonl", source.read_text(encoding="utf-8"))
+    copies = [store / f"{cell}.jsonl" for cell in done.cell if (store / f"{cell}.jsonl").exists()]
+    if not copies:
+        return []
+    ratios, errors = plot(copies, suite.reports_dir, prefix=f"{suite.suite}-")
+    return [
+        "## Fourier analysis",
+        "",
+        "Low/high-frequency ratios (the paper's Eq. 1, Figure 1) and relative errors (Eq. 2, Figures 2 and 5) "
+        "of the clean and the backdoor mapping during training; re high of the backdoor mapping is undefined "
+        "(its targets are all the target label, so they have no high-frequency part) and is not drawn.",
+        "",
+        f"![frequency ratios]({ratios.name})",
+        "",
+        f"![relative errors]({errors.name})",
+        "",
+    ]
+
+
+def cost_section(suite: SuiteConfig) -> list[str]:
+    """Per-step time measured in one process by ``cleantune analyze cost --out <suite>.cost.json``."""
+    path = suite.results_dir / f"{suite.suite}.cost.json"
+    if not path.exists():
+        return []
+    cost = json.loads(path.read_text(encoding="utf-8"))
+    lines = [
+        "## Per-step training time in one process",
+        "",
+        f"Made by `{cost['command']}` ({cost['steps']} steps per defense and round, {cost['repeats']} rounds "
+        "alternating the defenses; median).",
+        "",
+        f"| Defense | s / step | ÷ {cost['reference']} |",
+        "|---|---:|---:|",
+    ]
+    for name, seconds in cost["seconds_per_step"].items():
+        lines.append(f"| {name} | {seconds:.3f} | {cost['ratio_to_reference'][name]:.2f} |")
+    return [*lines, ""]
+
+
 def write_report(name: str) -> tuple[Path, list[str]]:
     suite = find_suite(name)
     csv = results_path(suite)
@@ -167,6 +222,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             f"![ASR against CACC]({image})",
             "",
         ]
+    parts += fourier_section(suite, done) + cost_section(suite)
     failed = table[table.status == "failed"]
     if not failed.empty:
         parts += ["## Failed cells", "", "| cell | error |", "|---|---|"]

@@ -85,6 +85,7 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
         assert child.stdout is not None
         for chunk in iter(lambda: child.stdout.read1(4096), b""):  # type: ignore[union-attr]
             sink.write(chunk)
+            sink.flush()
             lines = [x for x in LINE_SPLIT.split(chunk) if x.strip()]
             if lines:
                 progress.update(task, description=f"{cell.id}: {lines[-1].decode(errors='replace')[-80:]}")
@@ -93,16 +94,16 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
     return read_json(metrics) if code == 0 and metrics.exists() else None
 
 
-def select(all_cells: list[Cell], only: str | None) -> list[Cell]:
-    """Cells whose id contains ``only``, and the poisoned-model jobs those cells load."""
-    if only is None:
+def select(all_cells: list[Cell], only: list[str] | None) -> list[Cell]:
+    """Cells whose id contains any text in ``only``, and the poisoned-model jobs those cells load."""
+    if not only:
         return all_cells
-    chosen = [c for c in all_cells if not c.poisons and only in c.id]
+    chosen = [c for c in all_cells if not c.poisons and any(text in c.id for text in only)]
     specs = {str(c.config.model.spec) for c in chosen}
     return [c for c in all_cells if c.poisons and str(c.config.run_dir / "model") in specs] + chosen
 
 
-def run_suite(path: Path, only: str | None = None) -> dict[str, int]:
+def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
     suite = load_suite(path)
     todo = select(cells(suite), only)
     out = results_path(suite)
@@ -133,7 +134,7 @@ def runs_log_path(suite: SuiteConfig) -> Path:
     return suite.results_dir / f"{suite.suite}.runs.jsonl"
 
 
-def log_run(suite: SuiteConfig, started: float, summary: dict[str, int], only: str | None) -> None:
+def log_run(suite: SuiteConfig, started: float, summary: dict[str, int], only: list[str] | None) -> None:
     """One line per ``cleantune bench`` invocation, so a report can quote how long the suite took."""
     entry = {
         "started_utc": datetime.fromtimestamp(started, tz=UTC).isoformat(timespec="seconds"),

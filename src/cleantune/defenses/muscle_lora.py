@@ -14,7 +14,7 @@ BERT's pooler dense layer, RoBERTa's ``classifier.dense``, and for decoders a ne
 head (hidden -> 16 -> classes) whose first layer is wrapped; Kaiming-uniform L and R (so
 ΔW ≠ 0 at start, unlike LoRA); the classification head frozen; the gradient of one shuffled
 clean batch per step; the pure aligned gradient while the clean loss is above ``aux_loss_gate``
-and, from epoch ``ga_start_epoch`` on, μ rising per epoch to ``mu_max``. The default scale
+and, from epoch ``ga_start_epoch`` on, μ rising per epoch (``mu_schedule``) to ``mu_max``. The default scale
 vectors are the paper's Table 6 (the authors' code stops BERT-base at 28, not 32).
 """
 
@@ -62,6 +62,9 @@ class MuScleLoRAConfig(StrictModel):
     aux_batch_size: PositiveInt = 32
     mu_max: float = Field(0.1, ge=0, le=1)
     ga_start_epoch: int = Field(1, ge=0)
+    # "epoch" steps μ once per epoch as the authors' code does; "step" raises it every optimizer step,
+    # which is what a run of one or two epochs needs for μ to leave 0 at all.
+    mu_schedule: Literal["epoch", "step"] = "epoch"
     aux_loss_gate: NonNegativeFloat = 0.4
     clean_every: PositiveInt = 1  # recompute the clean gradient every k steps, reuse it in between
 
@@ -113,8 +116,8 @@ def mix(g_aligned: torch.Tensor, g: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 def mu_at(epoch: float, num_epochs: float, cfg: MuScleLoRAConfig) -> float:
-    """μ stepped per epoch: 0 before ``ga_start_epoch``, then linear towards ``mu_max``."""
-    done = math.floor(epoch)
+    """μ: 0 before ``ga_start_epoch``, then linear towards ``mu_max``, per epoch or per step."""
+    done = math.floor(epoch) if cfg.mu_schedule == "epoch" else epoch
     span = num_epochs - cfg.ga_start_epoch
     if done < cfg.ga_start_epoch or span <= 0:
         return 0.0
