@@ -186,3 +186,12 @@ def record_contexts(monkeypatch: pytest.MonkeyPatch, config_class: type) -> list
 
     monkeypatch.setitem(defenses.REGISTRY, config_class, Recording)
     return seen
+
+
+def tiny_context(tokenizer, data_dir: Path, scenario: str = "poisoned-data"):
+    """A defense context over the fake SST-2, its dev split doubling as the clean auxiliary data."""
+    from cleantune.data import DataConfig, load_splits
+    from cleantune.defenses.base import DefenseContext
+
+    splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir), seed=0)
+    return DefenseContext(scenario, splits.train, splits.dev, splits.dev, tokenizer, 32, 2, 0)

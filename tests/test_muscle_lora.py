@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import record_contexts
+from conftest import record_contexts, tiny_context
 from torch import nn
 
 from cleantune.config import validate
@@ -57,12 +57,7 @@ def test_mu_follows_its_schedule():
 
 def test_prepare_wraps_the_pooler_and_trains_only_the_new_parts(tiny_bert, data_dir):
     loaded = load_model(str(tiny_bert), num_labels=2)
-    from cleantune.data import DataConfig, load_splits
-    from cleantune.defenses.base import DefenseContext
-
-    splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir), seed=0)
-    ctx = DefenseContext("poisoned-data", splits.train, splits.dev, splits.dev, loaded.tokenizer, 32, 2, 0)
-    model = MuScleLoRA(MuScleLoRAConfig(clean_aux=8)).prepare(loaded.model, ctx)
+    model = MuScleLoRA(MuScleLoRAConfig(clean_aux=8)).prepare(loaded.model, tiny_context(loaded.tokenizer, data_dir))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.endswith("pooler.dense.lora_L") for n in trainable)
     assert any("query.lora_A" in n for n in trainable)
@@ -71,12 +66,7 @@ def test_prepare_wraps_the_pooler_and_trains_only_the_new_parts(tiny_bert, data_
 
 def test_decoders_get_the_authors_two_layer_score_head(tiny_llama, data_dir):
     loaded = load_model(str(tiny_llama), num_labels=2)
-    from cleantune.data import DataConfig, load_splits
-    from cleantune.defenses.base import DefenseContext
-
-    splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir), seed=0)
-    ctx = DefenseContext("poisoned-data", splits.train, splits.dev, splits.dev, loaded.tokenizer, 32, 2, 0)
-    model = MuScleLoRA(MuScleLoRAConfig(clean_aux=8)).prepare(loaded.model, ctx)
+    model = MuScleLoRA(MuScleLoRAConfig(clean_aux=8)).prepare(loaded.model, tiny_context(loaded.tokenizer, data_dir))
     head = model.get_submodule("base_model.model.score")
     assert isinstance(head[0], MultiScaleLinear) and head[0].base.out_features == 16 and head[2].out_features == 2
     assert head[0].S.tolist() == [1, 2, 3, 4]  # the authors' LLM scales

@@ -198,6 +198,28 @@ def analyze_fourier(
         console.print(f"wrote {path}")
 
 
+@analyze_app.command("spectrum")
+@friendly
+def analyze_spectrum(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished runs with a LoRA or DoRA adapter.")],
+    out: Annotated[Path | None, typer.Option(help="Where the PNGs go; default: the first run directory.")] = None,
+    top: Annotated[int, typer.Option(min=1, help="W_pre's top singular vectors for the alignment figure.")] = 32,
+    scale: Annotated[list[float] | None, typer.Option(help="Global scales for the CACC/ASR sweep; repeatable.")] = None,
+    redo: Annotated[bool, typer.Option(help="Recompute runs that already hold a spectrum.json.")] = False,
+) -> None:
+    """Spectral strength and alignment of each adapted layer, and CACC/ASR under a global scale (RoRA Figs. 1-3)."""
+    from cleantune.analysis.spectrum import SpectrumConfig, analyze, plot
+    from cleantune.io import read_json
+
+    cfg = SpectrumConfig(top=top, **({"scales": scale} if scale else {}))
+    results = [
+        read_json(d / "spectrum.json") if (d / "spectrum.json").exists() and not redo else analyze(d, cfg)
+        for d in run_dirs
+    ]
+    for path in plot(results, out or run_dirs[0]):
+        console.print(f"wrote {path}")
+
+
 @analyze_app.command("cost")
 @friendly
 def analyze_cost(

@@ -157,6 +157,12 @@ def evaluate(cfg: RunConfig, spec: str) -> dict[str, Any]:
     """CACC/ASR of a trained model or adapter (``spec``) on the data and attack ``cfg`` describes."""
     prepared = prepare(cfg)
     loaded = load_model(spec, num_labels=prepared.eval_splits.num_labels, allow_pickle=cfg.model.allow_pickle)
+    return evaluate_loaded(prepared, loaded)
+
+
+def evaluate_loaded(prepared: Prepared, loaded: Loaded) -> dict[str, Any]:
+    """CACC/ASR of a model in memory, for analyses that score one model under several edits."""
+    cfg = prepared.cfg
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(loaded.model, loaded.tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
         return score(trainer, prepared, lambda data: tokenize(data, loaded.tokenizer, cfg.model.max_length))
@@ -214,6 +220,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         "product": str(product) if product else None,
         "n_train": len(ctx.train),
         "n_poisoned": len(prepared.poisoned.poisoned_idx),
+        "defense_info": prepared.defense.info(),
         "trainable_params": trainable,
         "total_params": total,
         "wall_s": round(time.time() - started, 1),

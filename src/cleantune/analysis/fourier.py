@@ -22,6 +22,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
+from cleantune.io import save_figure
 from cleantune.schema import StrictModel
 
 Distance = Literal["squared", "plain"]
@@ -176,12 +177,5 @@ def plot(sources: list[Path], out_dir: Path, prefix: str = "") -> list[Path]:
             ax.set_yscale("log" if kind == "ratios" else "linear")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{prefix}fourier-{kind}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{prefix}fourier-{kind}.png"))
     return written

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 from cleantune.bench.runner import results_path, runs_log_path  # noqa: E402
 from cleantune.bench.suite import BEFORE_DEFENSE, SuiteConfig, load_suite, matches  # noqa: E402
 from cleantune.errors import CleantuneError  # noqa: E402
-from cleantune.io import atomic_write_text  # noqa: E402
+from cleantune.io import atomic_write_text, save_figure  # noqa: E402
 
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
 BOUND = re.compile(r"^\s*(<=|>=|<|>|==)\s*(-?[0-9.]+)\s*$")
@@ -95,12 +95,7 @@ def scatter(rows: pd.DataFrame, title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def check_expectations(suite: SuiteConfig, table: pd.DataFrame) -> list[str]:

@@ -10,9 +10,10 @@ from cleantune.defenses.base import Defense, DefenseContext, Scenario
 from cleantune.defenses.finetune import FineTuneConfig, FullFineTune
 from cleantune.defenses.muscle_lora import MuScleLoRA, MuScleLoRAConfig
 from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline, VirtualTokenConfig
+from cleantune.defenses.rora import RoRA, RoRAConfig
 
 DefenseConfig = Annotated[
-    FineTuneConfig | LoraFamilyConfig | VirtualTokenConfig | MuScleLoRAConfig, Field(discriminator="name")
+    FineTuneConfig | LoraFamilyConfig | VirtualTokenConfig | MuScleLoRAConfig | RoRAConfig, Field(discriminator="name")
 ]
 
 REGISTRY: dict[type, type[Defense]] = {
@@ -20,6 +21,7 @@ REGISTRY: dict[type, type[Defense]] = {
     LoraFamilyConfig: PeftBaseline,
     VirtualTokenConfig: PeftBaseline,
     MuScleLoRAConfig: MuScleLoRA,
+    RoRAConfig: RoRA,
 }
 
 

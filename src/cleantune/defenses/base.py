@@ -68,3 +68,7 @@ class Defense:
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
+
+    def info(self) -> dict[str, Any]:
+        """What the defense decided during the run (e.g. scale factors), for the run's record."""
+        return {}

@@ -1,0 +1,133 @@
+"""RoRA on a tiny BERT: the penalty (Eq. 10), weight dropout (Eq. 8), rescaling (Eq. 12), the product."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_context
+from torch.nn.utils import parametrize
+from typer.testing import CliRunner
+
+from cleantune.cli import app
+from cleantune.config import validate
+from cleantune.defenses.rora import RoRA, RoRAConfig, orthogonality_penalty, top_blocks
+from cleantune.models import load_model
+from cleantune.pipeline import run
+
+
+def prepared(tiny_bert, data_dir, **settings):
+    loaded = load_model(str(tiny_bert), num_labels=2)
+    defense = RoRA(RoRAConfig(**settings))
+    model = defense.prepare(loaded.model, tiny_context(loaded.tokenizer, data_dir, "poisoned-weights"))
+    return defense, model, loaded
+
+
+def randomise_updates(defense: RoRA) -> None:
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in defense.layers.values():
+            layer.lora_B["default"].weight.normal_()
+
+
+def test_penalty_vanishes_only_off_the_top_subspaces():
+    torch.manual_seed(0)
+    w_pre = torch.randn(10, 12)
+    U, _, Vh = torch.linalg.svd(w_pre, full_matrices=True)
+    U_k, V_k = U[:, :4], Vh[:4].T
+    B = U[:, 4:7] @ torch.randn(3, 2)  # columns outside span(U_k)
+    A = torch.randn(2, 3) @ Vh[4:7]  # rows outside span(V_k)
+    assert float(orthogonality_penalty(A, B, U_k, V_k)) == pytest.approx(0.0, abs=1e-8)
+    assert float(orthogonality_penalty(torch.randn(2, 12), torch.randn(10, 2), U_k, V_k)) > 0.1
+    # With the full bases the penalty is plain weight decay, which is why top_k must truncate.
+    full = orthogonality_penalty(A, B, U, Vh.T)
+    assert float(full) == pytest.approx(float(A.pow(2).sum() + B.pow(2).sum()), rel=1e-5)
+
+
+def test_penalty_is_added_to_the_loss_scaled_by_lambda(tiny_bert, data_dir):
+    defense, model, _ = prepared(tiny_bert, data_dir, penalty=2.0, top_k=4)
+    loss = defense.extra_loss(model, {}, None)
+    assert loss is not None and float(loss.detach()) > 0 and loss.requires_grad
+    assert RoRA(RoRAConfig(tr=False)).extra_loss(model, {}, None) is None
+
+
+@pytest.mark.parametrize("dropout_on", ["weight", "output"])
+def test_frozen_weight_dropout_acts_in_training_only(tiny_bert, data_dir, dropout_on):
+    defense, model, loaded = prepared(tiny_bert, data_dir, p=0.5, dropout_on=dropout_on)
+    base = next(iter(defense.layers.values())).get_base_layer()
+    weight = (base.parametrizations.weight.original if dropout_on == "weight" else base.weight).detach().clone()
+    x = torch.randn(4, base.in_features)
+    clean = torch.nn.functional.linear(x, weight, base.bias)
+    model.train()
+    torch.manual_seed(0)
+    dropped = base(x)
+    assert not torch.allclose(dropped, clean) and (dropped == 0).any() == (dropout_on == "output")
+    model.eval()
+    torch.testing.assert_close(base(x), clean)
+    batch = loaded.tokenizer(["good film", "bad plot here"], return_tensors="pt", padding=True)
+    kept = model(**batch).logits
+    defense.finalize(model)  # removes the dropout; eval outputs do not move
+    assert not parametrize.is_parametrized(base) and not base._forward_hooks
+    torch.testing.assert_close(model(**batch).logits, kept)
+    torch.testing.assert_close(base.weight, weight)
+
+
+def test_rescaling_matches_the_top_blocks_to_the_pretrained_spectral_norm(tiny_bert, data_dir):
+    defense, model, _ = prepared(tiny_bert, data_dir, rescale_layers=1)
+    randomise_updates(defense)
+    before = {name: layer.get_delta_weight("default").clone() for name, layer in defense.layers.items()}
+    defense.finalize(model)
+    top = top_blocks(list(defense.layers), 1)
+    assert top and all(".layer.1." in name for name in top) and set(defense.info()["rescale"]) == top
+    for name, layer in defense.layers.items():
+        delta = layer.get_delta_weight("default")
+        if name in top:
+            sigma = float(torch.linalg.matrix_norm(delta, ord=2))
+            assert sigma == pytest.approx(defense.sigma_pre[name], rel=1e-4)
+        else:
+            torch.testing.assert_close(delta, before[name])
+
+
+def test_a_rora_adapter_saves_and_loads_back_to_the_same_outputs(tiny_bert, data_dir, tmp_path):
+    defense, model, loaded = prepared(tiny_bert, data_dir)
+    randomise_updates(defense)
+    model = defense.finalize(model)
+    model.eval()
+    batch = loaded.tokenizer(["good film", "bad plot here"], return_tensors="pt", padding=True)
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
+    reloaded = load_model(str(tmp_path / "adapter"), num_labels=2).model.eval()
+    torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["lora", "pissa"])
+def test_rora_runs_end_to_end_on_weights_it_distrusts(tiny_tree, variant):
+    tree = {**tiny_tree, "scenario": "poisoned-weights", "defense": {"name": "rora", "variant": variant, "r": 2}}
+    record = run(validate(tree, "test"))
+    assert record["status"] == "done" and record["metrics"]["asr"] is not None
+    assert set(record["defense_info"]["rescale"]) and all(s > 0 for s in record["defense_info"]["rescale"].values())
+    assert (validate(tree, "test").run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_spectrum_reports_each_layer_and_the_scale_sweep(tiny_tree, tmp_path):
+    tree = {**tiny_tree, "scenario": "poisoned-weights", "defense": {"name": "lora", "r": 2}}
+    cfg = validate(tree, "test")
+    run(cfg)
+    args = ["analyze", "spectrum", str(cfg.run_dir), "--scale", "0", "--scale", "1", "--out", str(tmp_path / "plots")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    spectrum = json.loads((cfg.run_dir / "spectrum.json").read_text())
+    assert len(spectrum["layers"]) == 4  # query and value of two blocks
+    for layer in spectrum["layers"].values():
+        assert layer["strength_ratio"] == pytest.approx(layer["sigma_pre"] / layer["sigma_delta"])
+        assert 0 <= layer["left_alignment"] <= 1 + 1e-6
+    sweep = {row["scale"]: row for row in spectrum["scale_sweep"]}
+    assert sweep[1.0]["cacc"] == pytest.approx(
+        json.loads((cfg.run_dir / "metrics.json").read_text())["metrics"]["cacc"]
+    )
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "spectrum-strength.png",
+        "spectrum-alignment.png",
+        "spectrum-scale.png",
+    }
