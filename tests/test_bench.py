@@ -151,3 +151,25 @@ def test_poisoned_model_jobs_run_first_and_feed_their_cells(tmp_path, data_dir, 
     assert table.loc["before defense", "model"] == table.loc["lora", "model"] == "tiny-poisoned"
     report, _ = write_report(str(path))
     assert "| before defense |" in report.read_text() and "| lora |" in report.read_text()
+
+
+def test_an_edited_suite_does_not_reuse_runs_made_by_the_old_config(tmp_path, data_dir, tiny_bert):
+    one = {"defense": {"lora": {"defense": {"name": "lora", "r": 2}}}}
+    path = write_suite(tmp_path, data_dir, tiny_bert, **one)
+    assert run_suite(path) == {"done": 1, "failed": 0, "skipped": 0}
+    write_suite(tmp_path, data_dir, tiny_bert, defense={"lora": {"defense": {"name": "lora", "r": 4}}})
+    assert run_suite(path) == {"done": 0, "failed": 1, "skipped": 0}
+    error = pd.read_csv(tmp_path / "results" / "tiny.csv").set_index("defense").loc["lora", "error"]
+    assert "was made by a different config" in error
+
+
+def test_a_poisoned_model_can_be_shared_with_another_suite(tmp_path, data_dir, tiny_bert):
+    job = {"config": {"attack": {"name": "badnet", "setting": "clean", "count": 10}, "defense": {"name": "fft"}}}
+    extra = {
+        "poisoned_models": {"proxy": {**job, "shared_with": "other"}},
+        "model": {"tiny-poisoned": {"scenario": "poisoned-weights", "model": {"spec": "poisoned:proxy"}}},
+        "defense": {"lora": {"defense": {"name": "lora", "r": 2}}},
+    }
+    found = cells(load_suite(write_suite(tmp_path, data_dir, tiny_bert, **extra)))
+    assert found[0].config.run_dir == tmp_path / "runs" / "other" / "poison-proxy"
+    assert found[1].config.model.spec == str(tmp_path / "runs" / "other" / "poison-proxy" / "model")

@@ -22,6 +22,8 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cleantune.bench.suite import Cell, SuiteConfig, cells, dump, load_suite
+from cleantune.config import read_yaml, validate
+from cleantune.errors import CleantuneError
 from cleantune.io import atomic_write_text, read_json
 
 COLUMNS = [
@@ -94,6 +96,20 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
     return read_json(metrics) if code == 0 and metrics.exists() else None
 
 
+def made_differently(cell: Cell) -> str:
+    """Why the cell's run directory cannot be reused (it was made by another config), or ''."""
+    path = cell.config.run_dir / "config.yaml"
+    if not path.exists():
+        return ""
+    try:
+        same = validate(read_yaml(path), str(path)) == cell.config
+    except CleantuneError:
+        same = False
+    if same:
+        return ""
+    return f"{cell.config.run_dir} was made by a different config (was the suite edited?); remove it to rerun this cell"
+
+
 def select(all_cells: list[Cell], only: list[str] | None) -> list[Cell]:
     """Cells whose id contains any text in ``only``, and the poisoned-model jobs those cells load."""
     if not only:
@@ -116,7 +132,11 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
         current = progress.add_task("", total=None)
         for cell in todo:
             existing = cell.config.run_dir / "metrics.json"
-            if existing.exists():
+            conflict = made_differently(cell)
+            if conflict:
+                upsert(out, row_for(suite, cell, None, conflict))
+                summary["failed"] += 1
+            elif existing.exists():
                 upsert(out, row_for(suite, cell, read_json(existing)))
                 summary["skipped"] += 1
             else:

@@ -42,6 +42,9 @@ class PoisonedModel(StrictModel):
 
     coords: dict[str, str] = Field(default_factory=dict)  # axis -> name; defense is "before defense"
     config: Fragment
+    # Make (or reuse) the model in that suite's runs folder, so suites share one poisoned model;
+    # the runner refuses it if that suite made it with a different config.
+    shared_with: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class SuiteConfig(StrictModel):
@@ -97,10 +100,15 @@ def load_suite(path: Path) -> SuiteConfig:
         raise CleantuneError(f"invalid suite {path}: {problems}") from None
 
 
-def _with_paths(suite: SuiteConfig, tree: Fragment, name: str) -> Fragment:
+def _home(suite: SuiteConfig, job: str) -> Path:
+    """The runs folder of a poisoned-model job: this suite's, or the suite it is shared with."""
+    return suite.runs_dir / (suite.poisoned_models[job].shared_with or suite.suite)
+
+
+def _with_paths(suite: SuiteConfig, tree: Fragment, name: str, home: Path | None = None) -> Fragment:
     defaults = {
         "name": name,
-        "output_dir": str(suite.runs_dir / suite.suite),
+        "output_dir": str(home or suite.runs_dir / suite.suite),
         "data": {"data_dir": str(suite.data_dir)},
     }
     tree = merge(defaults, tree)
@@ -111,7 +119,7 @@ def _with_paths(suite: SuiteConfig, tree: Fragment, name: str) -> Fragment:
         source = spec.removeprefix(POISONED_PREFIX)
         if source not in suite.poisoned_models:
             raise CleantuneError(f"suite {suite.suite}: cell {name} uses unknown poisoned model '{source}'")
-        tree["model"]["spec"] = str(suite.runs_dir / suite.suite / f"poison-{source}" / "model")
+        tree["model"]["spec"] = str(_home(suite, source) / f"poison-{source}" / "model")
     return tree
 
 
@@ -136,7 +144,7 @@ def cells(suite: SuiteConfig) -> list[Cell]:
     out = []
     for name, job in suite.poisoned_models.items():
         cell_id = f"poison-{name}"
-        tree = _with_paths(suite, merge(suite.base, job.config), cell_id)
+        tree = _with_paths(suite, merge(suite.base, job.config), cell_id, _home(suite, name))
         attack = tree.get("attack", {}).get("name", "none")
         # The poisoned model's own row belongs beside the defenses applied to it.
         coords = {"dataset": "proxy", "model": name, "attack": attack, "scenario": "poisoned-weights", **job.coords}
