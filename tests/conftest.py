@@ -99,8 +99,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT encoder (no classification head, like the packaged MiniLM)."""
     path = tmp_path_factory.mktemp("tiny-bert")
     vocab = _special(VOCAB, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64,
@@ -114,14 +113,23 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama causal LM with a word-level tokenizer and no pad token (like real decoders)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama at another width than the tiny BERT, for teacher-student pairs."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-48"), hidden_size=48)
+
+
+def build_tiny_llama(path: Path, hidden_size: int) -> Path:
     vocab = _special(VOCAB, ["<unk>", "<s>", "</s>"])
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)

@@ -21,6 +21,13 @@ def pickled_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
+def test_tiny_models_tokenize_their_words(fixture: str, request: pytest.FixtureRequest):
+    tokenizer = load_model(str(request.getfixturevalue(fixture)), num_labels=2).tokenizer
+    ids = tokenizer("good film mn", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3 and tokenizer.unk_token_id not in ids
+
+
 def test_pickle_weights_are_refused_by_default(tiny_bert: Path, tmp_path: Path):
     path = pickled_copy(tiny_bert, tmp_path / "pickled")
     with pytest.raises(CleantuneError, match=r"pickle weights \(pytorch_model.bin\).*allow_pickle"):

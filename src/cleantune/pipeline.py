@@ -201,7 +201,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         cfg.train,
         checkpoints,
         cfg.seed,
-        train=encode(ctx.train),
+        train=tokenize(ctx.train, loaded.tokenizer, cfg.model.max_length, prepared.defense.side_encoding()),
         dev=encode(ctx.dev),
         callbacks=[fourier_callback(prepared, model, loaded, run_dir)] if cfg.fourier else None,
     )

@@ -25,8 +25,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from cleantune.defenses import Defense
-from cleantune.defenses.base import StepInfo
+from cleantune.defenses.base import SIDE, Defense, SideEncoding, StepInfo
 from cleantune.schema import StrictModel
 
 
@@ -46,12 +45,32 @@ class TrainConfig(StrictModel):
     logging_steps: PositiveInt = 50
 
 
-def tokenize(data: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    return data.map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-        batched=True,
-        remove_columns=[c for c in data.column_names if c != "label"],
-    )
+def tokenize(
+    data: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, side: SideEncoding | None = None
+) -> Dataset:
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        out = dict(tokenizer(batch["text"], truncation=True, max_length=max_length))
+        if side is not None:
+            extra = side.tokenizer(batch["text"], truncation=True, max_length=side.max_length)
+            out |= {SIDE + k: v for k, v in extra.items()}
+        return out
+
+    return data.map(encode, batched=True, remove_columns=[c for c in data.column_names if c != "label"])
+
+
+class PairCollator:
+    """Pads the model's inputs, and the side encoding (when the batch has one) with its own tokenizer."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, side: SideEncoding | None = None) -> None:
+        self.main = DataCollatorWithPadding(tokenizer)
+        self.side = DataCollatorWithPadding(side.tokenizer) if side else None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.main([{k: v for k, v in f.items() if not k.startswith(SIDE)} for f in features])
+        if self.side is not None and any(k.startswith(SIDE) for k in features[0]):
+            side = self.side([{k.removeprefix(SIDE): v for k, v in f.items() if k.startswith(SIDE)} for f in features])
+            batch |= {SIDE + k: v for k, v in side.items()}
+        return batch
 
 
 def accuracy(pred: EvalPrediction) -> dict[str, float]:
@@ -94,11 +113,19 @@ class DefenseTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        side = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith(SIDE)]}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        extra = self.defense.extra_loss(model, inputs, outputs)
+        extra = self.defense.extra_loss(model, inputs | side, outputs) if model.training else None
         if extra is not None:
             loss = loss + extra
         return (loss, outputs) if return_outputs else loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer keeps only columns the model's forward takes; the side encoding must survive
+        # until compute_loss pops it.
+        super()._set_signature_columns_if_needed()
+        if self.train_dataset is not None:
+            self._signature_columns += [c for c in self.train_dataset.column_names if c.startswith(SIDE)]
 
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: bool) -> TrainingArguments:
@@ -147,7 +174,7 @@ def build_trainer(
         args=training_arguments(cfg, output_dir, seed, has_dev=dev is not None and len(dev) > 0),
         train_dataset=train,
         eval_dataset=dev,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=PairCollator(tokenizer, defense.side_encoding()),
         processing_class=tokenizer,
         compute_metrics=accuracy,
         defense=defense,

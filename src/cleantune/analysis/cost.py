@@ -39,7 +39,8 @@ def seconds_per_step(cfg: RunConfig, defense: DefenseConfig, steps: int) -> floa
     ctx = defense_context(prepared, loaded)
     model = prepared.defense.prepare(loaded.model, ctx)
     size = min(len(ctx.train), steps * cfg.train.batch_size * cfg.train.grad_accum)
-    train = tokenize(ctx.train.select(range(size)), loaded.tokenizer, cfg.model.max_length)
+    side = prepared.defense.side_encoding()
+    train = tokenize(ctx.train.select(range(size)), loaded.tokenizer, cfg.model.max_length, side)
     args = TrainConfig(**{**cfg.train.model_dump(), "epochs": 1, "select_best": False})
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(model, loaded.tokenizer, prepared.defense, args, Path(scratch), cfg.seed, train=train)

@@ -11,9 +11,11 @@ from cleantune.defenses.finetune import FineTuneConfig, FullFineTune
 from cleantune.defenses.muscle_lora import MuScleLoRA, MuScleLoRAConfig
 from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline, VirtualTokenConfig
 from cleantune.defenses.rora import RoRA, RoRAConfig
+from cleantune.defenses.w2sdefense import W2SDefense, W2SDefenseConfig
 
 DefenseConfig = Annotated[
-    FineTuneConfig | LoraFamilyConfig | VirtualTokenConfig | MuScleLoRAConfig | RoRAConfig, Field(discriminator="name")
+    FineTuneConfig | LoraFamilyConfig | VirtualTokenConfig | MuScleLoRAConfig | RoRAConfig | W2SDefenseConfig,
+    Field(discriminator="name"),
 ]
 
 REGISTRY: dict[type, type[Defense]] = {
@@ -22,6 +24,7 @@ REGISTRY: dict[type, type[Defense]] = {
     VirtualTokenConfig: PeftBaseline,
     MuScleLoRAConfig: MuScleLoRA,
     RoRAConfig: RoRA,
+    W2SDefenseConfig: W2SDefense,
 }
 
 

@@ -36,6 +36,17 @@ class DefenseContext:
     seed: int
 
 
+SIDE = "side_"  # prefix of the side-encoding columns in a batch; popped before the model's forward
+
+
+@dataclass(frozen=True)
+class SideEncoding:
+    """A second tokenizer whose encoding of each training text rides along in the batch (a teacher's)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """Where training stands when ``edit_gradients`` runs."""
@@ -60,7 +71,12 @@ class Defense:
     def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
         return model
 
+    def side_encoding(self) -> SideEncoding | None:
+        """Set after ``prepare`` when ``extra_loss`` needs the batch encoded for a second model too."""
+        return None
+
     def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+        """Added to the task loss of each training batch; ``inputs`` include the side encoding, if any."""
         return None
 
     def edit_gradients(self, model: nn.Module, step: StepInfo) -> None:

@@ -1,0 +1,74 @@
+"""W2SDefense with a tiny BERT teacher and a tiny Llama student of another width and tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_tree
+
+from cleantune.config import validate
+from cleantune.defenses.w2sdefense import W2SDefense, distillation_loss, feature_alignment_loss, pooled
+from cleantune.pipeline import run
+
+
+def test_feature_loss_pairs_example_i_with_example_i():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 48), torch.randn(4, 48)
+    expected = sum(float((student[i] - teacher[i]).pow(2).sum()) for i in range(4)) / 4
+    assert float(feature_alignment_loss(student, teacher)) == pytest.approx(expected, rel=1e-5)
+    assert float(feature_alignment_loss(student, teacher[[1, 0, 2, 3]])) != pytest.approx(expected, rel=1e-3)
+    assert float(feature_alignment_loss(teacher, teacher)) == 0.0
+
+
+def test_pooling_takes_the_last_real_token_under_any_padding_and_prompt():
+    hidden = torch.arange(2 * 6, dtype=torch.float).reshape(2, 6, 1)
+    right = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    assert pooled(hidden, right, decoder=True).flatten().tolist() == [2, 10]
+    left = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    assert pooled(hidden, left, decoder=True).flatten().tolist() == [5, 11]
+    # Two virtual tokens prepended by prompt tuning: the mask covers only the real tokens.
+    assert pooled(hidden, right[:, :4], decoder=True).flatten().tolist() == [4, 11]
+    assert pooled(hidden, right[:, :4], decoder=False).flatten().tolist() == [2, 8]
+
+
+def test_distillation_vanishes_when_the_logits_agree():
+    logits = torch.randn(5, 2)
+    assert float(distillation_loss(logits, logits.clone(), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(logits, -logits, 2.0)) > 0
+
+
+def test_teacher_is_frozen_sees_the_same_texts_and_is_trained_once(
+    data_dir, tiny_bert, tiny_llama_wide, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CLEANTUNE_CACHE", str(tmp_path / "cache"))
+    seen: list[tuple[bool, list[str], list[str]]] = []
+    original = W2SDefense.extra_loss
+
+    def spy(self, model, inputs, outputs):
+        if "side_input_ids" in inputs:
+            tokenizer, side = self._student_tokenizer, self.side.tokenizer
+            student = tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
+            teacher = side.batch_decode(inputs["side_input_ids"], skip_special_tokens=True)
+            untouched = all(p.grad is None and not p.requires_grad for p in self.teacher.parameters())
+            seen.append((untouched, [" ".join(t.lower().split()) for t in student], teacher))
+        return original(self, model, inputs, outputs)
+
+    monkeypatch.setattr(W2SDefense, "extra_loss", spy)
+    original_prepare = W2SDefense.prepare
+
+    def keep_tokenizer(self, model, ctx):
+        self._student_tokenizer = ctx.tokenizer
+        return original_prepare(self, model, ctx)
+
+    monkeypatch.setattr(W2SDefense, "prepare", keep_tokenizer)
+    defense = {"name": "w2sdefense", "teacher": {"spec": str(tiny_bert), "epochs": 1, "batch_size": 16}}
+    tree = run_tree(data_dir, tiny_llama_wide, tmp_path / "runs", defense=defense, scenario="poisoned-weights")
+    tree["train"] = {"epochs": 1, "batch_size": 16, "lr": 1e-3}
+    first = run(validate(tree, "test"))
+    assert seen and all(untouched for untouched, _, _ in seen)
+    assert all(student == teacher for _, student, teacher in seen)  # example i meets example i
+    assert first["defense_info"]["teacher_reused"] is False and first["defense_info"]["teacher_train_s"] > 0
+    second = run(validate({**tree, "name": "again"}, "test"))
+    assert second["defense_info"]["teacher_reused"] is True
+    assert second["defense_info"]["teacher_train_s"] == first["defense_info"]["teacher_train_s"]
+    assert second["trainable_params"] < second["total_params"]
