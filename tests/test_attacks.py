@@ -82,6 +82,21 @@ def test_paraphrase_matches_training_rows_by_index(splits, data_dir):
     assert all(text.startswith("when he was") for text in result.test_poison["text"])
 
 
+def test_rows_without_a_paraphrase_are_never_poisoned(splits, data_dir, tmp_path):
+    source = data_dir / "sst2/paraphrased/synbkd"
+    lines = (source / "train.csv").read_text().splitlines()
+    gaps = {idx for idx in splits.train["idx"][::2]}  # half the training rows lost their paraphrase
+    lines = [lines[0]] + [f"{i},,1,1" if i in gaps else line for i, line in enumerate(lines[1:])]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.csv").write_text((source / "test.csv").read_text())
+    free = len(splits.train) - len(gaps)
+    cfg = ParaphraseConfig(name="synbkd", dir=tmp_path, setting="mix", count=free)
+    result = attack_data(cfg, splits, data_dir, seed=0, train=True)
+    assert len(result.poisoned_idx) == free and not set(result.poisoned_idx) & gaps
+    with pytest.raises(CleantuneError, match=f"has only {free} candidates"):
+        attack_data(cfg.model_copy(update={"count": free + 1}), splits, data_dir, seed=0, train=True)
+
+
 def test_paraphrase_refuses_a_target_its_files_do_not_hold(splits, data_dir):
     with pytest.raises(CleantuneError, match=r"train.csv: row 1, column '1': label 1 is not in the label set \[0\]"):
         attack_data(ParaphraseConfig(name="synbkd", target_label=0), splits, data_dir, seed=0, train=True)

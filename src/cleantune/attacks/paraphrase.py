@@ -22,15 +22,24 @@ class ParaphraseConfig(PoisonConfig):
     dir: Path | None = None  # default: <data_dir>/sst2/paraphrased/<name>
 
 
-def _texts(path: Path, target_label: int) -> list[str]:
-    # Every row must carry the target label: the files hold only examples relabelled to it.
-    return list(frame_to_dataset(read_frame(path), str(path), "0", "1", labels=[target_label])[0]["text"])
+def _texts(path: Path, target_label: int) -> list[str | None]:
+    """The paraphrases in file order; None where the generator produced nothing (the shared SynBkd
+    training file lacks one). Every row must carry the target label: the files hold only examples
+    relabelled to it."""
+    frame = read_frame(path)
+    if "0" in frame.columns:
+        missing = frame["0"].isna() | (frame["0"].astype(str).str.strip() == "")
+        frame = frame.assign(**{"0": frame["0"].where(~missing, "(missing)")})
+    else:
+        missing = None
+    texts = list(frame_to_dataset(frame, str(path), "0", "1", labels=[target_label])[0]["text"])
+    return [None if missing is not None and missing.iloc[i] else t for i, t in enumerate(texts)]
 
 
 def trigger(cfg: ParaphraseConfig, data_dir: Path) -> Trigger:
     folder = cfg.dir or data_dir / "sst2" / "paraphrased" / cfg.name
     train_texts = _texts(folder / "train.csv", cfg.target_label)
-    test_texts = _texts(folder / "test.csv", cfg.target_label)
+    test_texts = [t for t in _texts(folder / "test.csv", cfg.target_label) if t is not None]
 
     def insert(text: str, idx: int, rng: random.Random) -> str:
         if idx >= len(train_texts):
@@ -38,6 +47,9 @@ def trigger(cfg: ParaphraseConfig, data_dir: Path) -> Trigger:
                 f"{folder / 'train.csv'} has {len(train_texts)} paraphrases but training row {idx} was chosen; "
                 "the paraphrase files must match the training file row for row"
             )
-        return train_texts[idx]
+        paraphrase = train_texts[idx]
+        assert paraphrase is not None, "rows without a paraphrase are never chosen"
+        return paraphrase
 
-    return Trigger(insert, test_texts=test_texts)
+    unavailable = frozenset(i for i, t in enumerate(train_texts) if t is None)
+    return Trigger(insert, test_texts=test_texts, unavailable=unavailable)

@@ -36,6 +36,8 @@ class Trigger:
     insert: InsertFn
     # Pre-generated triggered test texts (paraphrase attacks); None means: insert into the test split.
     test_texts: list[str] | None = None
+    # Example ids the trigger cannot go into (a paraphrase the generator failed to produce).
+    unavailable: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,14 @@ def example_rng(seed: int, idx: int) -> random.Random:
     return random.Random(f"{seed}:{idx}")
 
 
-def choose_poisoned(labels: list[int], cfg: PoisonConfig, seed: int) -> list[int]:
-    """Row positions to poison, sorted, drawn with ``seed``."""
+def choose_poisoned(labels: list[int], cfg: PoisonConfig, seed: int, blocked: set[int] | None = None) -> list[int]:
+    """Row positions to poison, sorted, drawn with ``seed``; ``blocked`` positions cannot be poisoned."""
     candidates = {
         "dirty": [i for i, y in enumerate(labels) if y != cfg.target_label],
         "clean": [i for i, y in enumerate(labels) if y == cfg.target_label],
         "mix": list(range(len(labels))),
     }[cfg.setting]
+    candidates = [i for i in candidates if i not in (blocked or set())]
     wanted = cfg.count if cfg.count is not None else round(cfg.rate * len(labels))
     if wanted > len(candidates):
         raise CleantuneError(
@@ -69,7 +72,8 @@ def choose_poisoned(labels: list[int], cfg: PoisonConfig, seed: int) -> list[int
 
 
 def poison_train(train: Dataset, trigger: Trigger, cfg: PoisonConfig, seed: int) -> tuple[Dataset, list[int]]:
-    chosen = set(choose_poisoned(train["label"], cfg, seed))
+    blocked = {position for position, idx in enumerate(train["idx"]) if idx in trigger.unavailable}
+    chosen = set(choose_poisoned(train["label"], cfg, seed, blocked))
 
     def apply(example: dict, position: int) -> dict:
         if position not in chosen:
