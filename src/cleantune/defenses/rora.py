@@ -70,6 +70,7 @@ class WeightDropout(nn.Module):
         self.p = p
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # Eq. 8: W = Dropout_p(W_pre) + sΔW (the LoRA branch adds sΔW)
         return F.dropout(weight, self.p, self.training)
 
 
