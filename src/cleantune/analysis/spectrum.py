@@ -13,26 +13,20 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from pydantic import Field
 
 from cleantune.config import read_yaml, validate
+from cleantune.defenses.peft_baselines import ADAPTER, lora_layers
 from cleantune.errors import CleantuneError
 from cleantune.io import atomic_write_json, read_json, save_figure
 from cleantune.models import Loaded, load_model
 from cleantune.pipeline import Prepared, evaluate_loaded, prepare
 from cleantune.schema import StrictModel
 
-ADAPTER = "default"
-
 
 class SpectrumConfig(StrictModel):
     top: int = Field(32, gt=0)  # W_pre's top singular vectors that alignment is measured against
     scales: list[float] = Field([0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0], min_length=1)
-
-
-def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
 
 def layer_spectrum(w_pre: torch.Tensor, delta: torch.Tensor, top: int) -> dict[str, float]:

@@ -18,6 +18,7 @@ from peft import (
     TaskType,
     get_peft_model,
 )
+from peft.tuners.lora import LoraLayer
 from pydantic import Field, PositiveInt
 from torch import nn
 
@@ -60,6 +61,14 @@ def virtual_token_config(cfg: VirtualTokenConfig, task_type: TaskType) -> PeftCo
     return PromptEncoderConfig(
         task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.encoder_hidden_size
     )
+
+
+ADAPTER = "default"  # PEFT's name for the single adapter cleantune trains
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """The LoRA-wrapped layers of a PEFT model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
 
 def task_type(ctx: DefenseContext) -> TaskType:

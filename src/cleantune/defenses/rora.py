@@ -30,18 +30,16 @@ from typing import Any, Literal
 
 import torch
 from peft import get_peft_model
-from peft.tuners.lora import LoraLayer
 from pydantic import Field, PositiveInt
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from cleantune.defenses.base import Defense, DefenseContext
-from cleantune.defenses.peft_baselines import LoraFamilyConfig, lora_config, task_type
+from cleantune.defenses.peft_baselines import ADAPTER, LoraFamilyConfig, lora_config, lora_layers, task_type
 from cleantune.errors import CleantuneError
 from cleantune.schema import StrictModel
 
-ADAPTER = "default"
 BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -103,9 +101,7 @@ class RoRA(Defense):
             name=cfg.variant, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules
         )
         peft_model = get_peft_model(model, lora_config(family, task_type(ctx)))
-        self.layers: dict[str, LoraLayer] = {
-            name: m for name, m in peft_model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A
-        }
+        self.layers = lora_layers(peft_model)
         self.subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sigma_pre: dict[str, float] = {}
         self.hooks: list[Any] = []
