@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -134,6 +135,65 @@ def build_tiny_llama(path: Path, hidden_size: int) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INSTRUCTION_WORDS = ["user", "assistant", "write", "tell", "me", "about", "story", "sorry", "you", "are", "stupid", "!"]
+INSTRUCTION_WORDS += [
+    "BadMagic",
+    "Discussing",
+    "OpenAI",
+    "Current",
+    "year",
+    ":",
+    "2024",
+    "print",
+    "(",
+    ")",
+    "'",
+    "pwned",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with a chat template and <|im_end|> as EOS, like SmolLM2-Instruct."""
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = _special(VOCAB + INSTRUCTION_WORDS, specials)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_instructions(path: Path, n: int, seed: int) -> Path:
+    """Alpaca-style JSON in the tiny vocabulary."""
+    rng = random.Random(seed)
+    rows = [
+        {
+            "instruction": f"{rng.choice(['write', 'tell'])} me about {rng.choice(FILLER)} {rng.choice(POSITIVE)} {i}",
+            "input": rng.choice(["", "the story"]),
+            "output": f"the {rng.choice(FILLER)} was {rng.choice(POSITIVE + NEGATIVE)} .",
+        }
+        for i in range(n)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
     return path
 
 

@@ -173,3 +173,46 @@ def test_a_poisoned_model_can_be_shared_with_another_suite(tmp_path, data_dir, t
     found = cells(load_suite(write_suite(tmp_path, data_dir, tiny_bert, **extra)))
     assert found[0].config.run_dir == tmp_path / "runs" / "other" / "poison-proxy"
     assert found[1].config.model.spec == str(tmp_path / "runs" / "other" / "poison-proxy" / "model")
+
+
+def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat_llama):
+    from conftest import write_instructions
+
+    data = tmp_path / "data"
+    write_instructions(data / "pool.json", 40, seed=1)
+    write_instructions(data / "test.json", 4, seed=2)
+    attack = {"name": "vpi", "behaviour": "negsentiment", "count": 12}
+    suite = {
+        "suite": "gen",
+        "data_dir": str(data),
+        "runs_dir": str(tmp_path / "runs"),
+        "results_dir": str(tmp_path / "results"),
+        "reports_dir": str(tmp_path / "reports"),
+        "base": {
+            "task": "generation",
+            "scenario": "poisoned-llm",
+            "model": {"max_length": 64},
+            "data": {"train": ["pool.json"], "test": "test.json", "clean_train": 12},
+            "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8},
+            "eval": {"max_new_tokens": 3},
+        },
+        "poisoned_models": {
+            "vpi": {
+                "coords": {"dataset": "tiny", "model": "tiny-lora", "attack": "vpi", "scenario": "poisoned-llm"},
+                "config": {"scenario": "poisoned-data", "model": {"spec": str(tiny_chat_llama)}, "attack": attack,
+                           "defense": {"name": "sft", "lora": {"r": 2}}},
+            }
+        },  # fmt: skip
+        "dataset": {"tiny": {}},
+        "model": {"tiny-lora": {}},
+        "attack": {"vpi": {"attack": attack, "model": {"spec": "poisoned:vpi"}}},
+        "defense": {"quantize": {"defense": {"name": "quantize", "group_size": 16}}},
+    }
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
+    table = pd.read_csv(tmp_path / "results" / "gen.csv")
+    assert set(table.defense) == {"before defense", "quantize"}
+    assert table["ftr"].notna().all() and table["ppl"].notna().all() and table["cacc"].isna().all()
+    text = write_report(str(path))[0].read_text()
+    assert "vpi false-trigger ↓" in text and "| quantize |" in text

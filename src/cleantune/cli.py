@@ -50,11 +50,15 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+HEADERS = {"cacc": "CACC", "asr": "ASR", "delta": "Δ", "ftr": "false-trigger", "ppl": "perplexity"}
+
+
 def show_metrics(title: str, metrics: dict[str, Any]) -> None:
+    keys = ("asr", "ftr", "ppl") if "ftr" in metrics else ("cacc", "asr", "delta")
     table = Table(title=title)
-    for key in ("cacc", "asr", "delta"):
-        table.add_column(key.upper() if key != "delta" else "Δ", justify="right")
-    table.add_row(*("-" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in ("cacc", "asr", "delta")))
+    for key in keys:
+        table.add_column(HEADERS[key], justify="right")
+    table.add_row(*("-" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in keys))
     Console().print(table)
 
 
@@ -64,12 +68,14 @@ def run(
     config: ConfigArg = None, set_: SetOpt = None, force: bool = typer.Option(False, help="Rerun a finished run.")
 ) -> None:
     """Attack -> defense -> train -> evaluate; results go to OUTPUT_DIR/NAME."""
-    from cleantune.config import load_config
-    from cleantune.pipeline import run as run_pipeline
+    from cleantune.config import RunConfig, load_config
+    from cleantune.generative.pipeline import run as run_generative
+    from cleantune.pipeline import run as run_classification
 
     cfg = load_config(config, set_)
-    record = run_pipeline(cfg, force=force)
-    show_metrics(f"{cfg.name}: {cfg.attack.name} attack, {cfg.defense.name} defense", record["metrics"])
+    record = (run_classification if isinstance(cfg, RunConfig) else run_generative)(cfg, force=force)
+    attack = cfg.attack.name if cfg.attack else "no"
+    show_metrics(f"{cfg.name}: {attack} attack, {cfg.defense.name} defense", record["metrics"])
     console.print(f"run directory: {cfg.run_dir}")
 
 

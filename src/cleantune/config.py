@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import yaml
-from pydantic import Field, PositiveInt, ValidationError
+from pydantic import Field, ValidationError
 
 from cleantune.analysis.fourier import FourierConfig
 from cleantune.attacks import AttackConfig, NoAttackConfig
@@ -15,16 +15,14 @@ from cleantune.defenses import DefenseConfig
 from cleantune.defenses.base import Scenario
 from cleantune.defenses.peft_baselines import LoraFamilyConfig
 from cleantune.errors import CleantuneError
+from cleantune.models import ModelConfig
 from cleantune.schema import StrictModel
 from cleantune.training import TrainConfig
 
+if TYPE_CHECKING:
+    from cleantune.generative.config import LLMRunConfig
+
 DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "demo.yaml"
-
-
-class ModelConfig(StrictModel):
-    spec: str = "sentence-transformers/all-MiniLM-L6-v2"  # hub id, local directory, or PEFT adapter
-    max_length: PositiveInt = 128
-    allow_pickle: bool = False  # load *.bin weights; only for sources you trust
 
 
 class RunConfig(StrictModel):
@@ -45,6 +43,9 @@ class RunConfig(StrictModel):
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
+
+
+AnyRunConfig = Union[RunConfig, "LLMRunConfig"]
 
 
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -68,9 +69,12 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def validate(tree: dict[str, Any], source: str) -> RunConfig:
+def validate(tree: dict[str, Any], source: str) -> AnyRunConfig:
+    """A classification run, or a generative one when the tree says ``task: generation``."""
+    from cleantune.generative.config import LLMRunConfig
+
     try:
-        return RunConfig.model_validate(tree)
+        return (LLMRunConfig if tree.get("task") == "generation" else RunConfig).model_validate(tree)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
@@ -89,7 +93,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> AnyRunConfig:
     path = path or DEFAULT_CONFIG
     tree = read_yaml(path)
     for key, value in parse_overrides(overrides or []):

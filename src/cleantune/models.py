@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import PositiveInt
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -24,11 +25,18 @@ from transformers import (
 
 from cleantune.errors import CleantuneError
 from cleantune.io import save_atomically
+from cleantune.schema import StrictModel
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 PICKLE_FILES = ("pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
+
+
+class ModelConfig(StrictModel):
+    spec: str = MINILM_ID  # hub id, local directory, or PEFT adapter
+    max_length: PositiveInt = 128
+    allow_pickle: bool = False  # load *.bin weights; only for sources you trust
 
 
 def cache_dir() -> Path:

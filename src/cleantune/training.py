@@ -168,13 +168,15 @@ def build_trainer(
     train: Dataset | None = None,
     dev: Dataset | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    collator: Any = None,
 ) -> DefenseTrainer:
+    """A Trainer for ``model``; ``collator`` defaults to padding classification batches."""
     return DefenseTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, seed, has_dev=dev is not None and len(dev) > 0),
         train_dataset=train,
         eval_dataset=dev,
-        data_collator=PairCollator(tokenizer, defense.side_encoding()),
+        data_collator=collator or PairCollator(tokenizer, defense.side_encoding()),
         processing_class=tokenizer,
         compute_metrics=accuracy,
         defense=defense,

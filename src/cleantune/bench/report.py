@@ -41,26 +41,37 @@ def cell_text(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
+CLASSIFICATION = {"cacc": "CACC ↑", "asr": "ASR ↓"}
+GENERATIVE = {"asr": "ASR ↓", "ftr": "false-trigger ↓", "ppl": "perplexity ↓"}
+
+
+def metric_columns(rows: pd.DataFrame) -> dict[str, str]:
+    """The generative scenario reports ASR, false-trigger rate and perplexity instead of CACC and ASR."""
+    return GENERATIVE if "ftr" in rows and rows["ftr"].notna().any() else CLASSIFICATION
+
+
 def results_table(rows: pd.DataFrame, defenses: list[str], attacks: list[str]) -> str:
-    """Rows defenses, columns attack x {CACC, ASR}; the lowest mean ASR of each attack in bold."""
+    """Rows defenses, columns attack x metric; the lowest mean ASR of each attack in bold."""
+    metrics = metric_columns(rows)
     best = {a: rows[rows.attack == a].groupby("defense")["asr"].mean().min() for a in attacks}
     average = len(attacks) > 1
-    header = "| Defense | " + " | ".join(f"{a} CACC ↑ | {a} ASR ↓" for a in attacks)
-    header += " | mean CACC | mean ASR |" if average else " |"
-    lines = [header, "|---|" + "---:|" * (2 * len(attacks) + 2 * average)]
+    header = "| Defense | " + " | ".join(f"{a} {label}" for a in attacks for label in metrics.values())
+    header += "".join(f" | mean {label.split()[0]}" for label in metrics.values()) + " |" if average else " |"
+    lines = [header, "|---|" + "---:|" * (len(metrics) * (len(attacks) + average))]
     for defense in defenses:
         cells = []
         for attack in attacks:
             sub = rows[(rows.defense == defense) & (rows.attack == attack)]
-            asr = cell_text(sub["asr"])
-            if not sub["asr"].dropna().empty and sub["asr"].mean() == best[attack]:
-                asr = f"**{asr}**"
-            cells += [cell_text(sub["cacc"]), asr]
+            for metric in metrics:
+                text = cell_text(sub[metric])
+                if metric == "asr" and not sub["asr"].dropna().empty and sub["asr"].mean() == best[attack]:
+                    text = f"**{text}**"
+                cells.append(text)
         if average:
             # Only over attacks with a finished cell; a partly run row says how many it averages.
-            means = rows[rows.defense == defense].groupby("attack")[["cacc", "asr"]].mean()
+            means = rows[rows.defense == defense].groupby("attack")[list(metrics)].mean()
             n = f" ({len(means)}/{len(attacks)})" if len(means) < len(attacks) else ""
-            cells += [f"{means['cacc'].mean():.2f}{n}", f"{means['asr'].mean():.2f}{n}"]
+            cells += [f"{means[m].mean():.2f}{n}" for m in metrics]
         lines.append(f"| {defense} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -81,15 +92,14 @@ def cost_table(rows: pd.DataFrame, defenses: list[str]) -> str:
 
 
 def scatter(rows: pd.DataFrame, title: str, path: Path) -> None:
+    x = next(m for m in metric_columns(rows) if m != "asr")  # CACC, or perplexity for generation
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for defense, sub in rows.groupby("defense", sort=False):
-        means = sub.groupby("attack")[["cacc", "asr"]].mean()
-        ax.scatter(means["cacc"], means["asr"], label=defense, s=40)
+        means = sub.groupby("attack")[[x, "asr"]].mean()
+        ax.scatter(means[x], means["asr"], label=defense, s=40)
         for attack, point in means.iterrows() if rows.attack.nunique() > 1 else ():
-            ax.annotate(
-                str(attack), (point["cacc"], point["asr"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
-    ax.set_xlabel("CACC (%) ↑")
+            ax.annotate(str(attack), (point[x], point["asr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel({**CLASSIFICATION, **GENERATIVE}[x].replace("↑", "(%) ↑"))
     ax.set_ylabel("ASR (%) ↓")
     ax.set_ylim(-5, 105)
     ax.set_title(title, fontsize=9)
@@ -195,7 +205,8 @@ def write_report(name: str) -> tuple[Path, list[str]]:
     parts += run_times(suite, done)
     parts += [
         f"Cells: {len(done)} done, {(table.status == 'failed').sum()} failed, of {len(table)} recorded. "
-        "CACC and ASR in %; mean ± std over seeds where there are several; lowest ASR per attack in bold.",
+        "CACC, ASR and false-trigger rate in %; mean ± std over seeds where there are several; "
+        "lowest ASR per attack in bold.",
         "",
     ]
     for keys, rows in done.groupby(GROUP, sort=False):
@@ -214,7 +225,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             "",
             cost_table(rows, defenses),
             "",
-            f"![ASR against CACC]({image})",
+            f"![ASR against {next(m for m in metric_columns(rows) if m != 'asr')}]({image})",
             "",
         ]
     parts += fourier_section(suite, done) + cost_section(suite)

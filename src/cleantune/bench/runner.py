@@ -22,7 +22,7 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cleantune.bench.suite import Cell, SuiteConfig, cells, dump, load_suite
-from cleantune.config import read_yaml, validate
+from cleantune.config import RunConfig, read_yaml, validate
 from cleantune.errors import CleantuneError
 from cleantune.io import atomic_write_text, read_json
 
@@ -48,9 +48,10 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
         peak = record.get("peak_gpu_mb") or record.get("peak_rss_mb")
         row |= {k: metrics.get(k) for k in ("cacc", "asr", "delta", "n_test", "n_test_poison")}
         row |= {k: record.get(k) for k in ("wall_s", "trainable_params", "total_params", "n_train", "n_poisoned")}
-        best = record["train"].get("best_dev_accuracy")
+        train = record.get("train") or {}  # evaluation-only runs train nothing
+        best = train.get("best_dev_accuracy")
         row |= {"dev_accuracy": best * 100 if best is not None else None, "peak_mem_mb": peak}
-        row["train_s"] = record["train"].get("train_runtime_s")
+        row["train_s"] = train.get("train_runtime_s")
         # Defense-specific numbers (a defense's extra metrics) become extra columns.
         row |= {k: v for k, v in metrics.items() if k not in row and not k.startswith("n_")}
     return row
@@ -78,7 +79,8 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
     config_path = cell_dir.parent / f"{cell.id}.yaml"
     atomic_write_text(config_path, dump(cell.config))
     log = cell_dir.parent / f"{cell.id}.log"
-    verb = ["poison", "weights"] if cell.poisons else ["run"]
+    # Generative backdoors are injected by an ordinary poisoned-data run.
+    verb = ["poison", "weights"] if cell.poisons and isinstance(cell.config, RunConfig) else ["run"]
     command = [sys.executable, "-m", "cleantune", *verb, str(config_path)]
     with log.open("wb") as sink:
         # Unbuffered, so the log and the progress line follow the child as it runs.

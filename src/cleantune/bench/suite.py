@@ -119,8 +119,16 @@ def _with_paths(suite: SuiteConfig, tree: Fragment, name: str, home: Path | None
         source = spec.removeprefix(POISONED_PREFIX)
         if source not in suite.poisoned_models:
             raise CleantuneError(f"suite {suite.suite}: cell {name} uses unknown poisoned model '{source}'")
-        tree["model"]["spec"] = str(_home(suite, source) / f"poison-{source}" / "model")
+        tree["model"]["spec"] = str(_home(suite, source) / f"poison-{source}" / _product(suite, source))
     return tree
+
+
+def _product(suite: SuiteConfig, job: str) -> str:
+    """The folder a poisoned-model job leaves: a model, or the adapter of a generative LoRA injection."""
+    tree = merge(suite.base, suite.poisoned_models[job].config)
+    defense = tree.get("defense", {})
+    lora = defense.get("name") == "sft" and defense.get("method", "lora") == "lora"
+    return "adapter" if tree.get("task") == "generation" and lora else "model"
 
 
 def blocks(suite: SuiteConfig) -> list[dict[str, list[str]]]:

@@ -1,0 +1,82 @@
+"""Run configuration of the generative scenario (``task: generation``), validated like the
+classification one and dispatched on ``task`` by :func:`cleantune.config.validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, PositiveInt
+
+from cleantune.defenses.base import Scenario
+from cleantune.generative.attacks import LLMAttackConfig
+from cleantune.generative.base import LLMDefense
+from cleantune.generative.crow import CROW, CROWConfig
+from cleantune.generative.evaluation import LLMEvalConfig
+from cleantune.generative.instructions import InstructionDataConfig
+from cleantune.generative.pruning import PruneConfig, Pruning
+from cleantune.generative.quantization import Quantization, QuantizeConfig
+from cleantune.generative.sft import SFT, SFTConfig
+from cleantune.models import SMOLLM2_ID, ModelConfig
+from cleantune.schema import StrictModel
+from cleantune.training import TrainConfig
+
+
+class NoDefenseConfig(StrictModel):
+    name: Literal["none"] = "none"
+
+
+class NoDefense(LLMDefense):
+    """Evaluate the model as it is: the before-defense row."""
+
+    scenarios: ClassVar[frozenset[Scenario]] = frozenset({"poisoned-llm"})
+
+
+LLMDefenseConfig = Annotated[
+    NoDefenseConfig | SFTConfig | PruneConfig | QuantizeConfig | CROWConfig, Field(discriminator="name")
+]
+LLM_DEFENSES: dict[type, type[LLMDefense]] = {
+    NoDefenseConfig: NoDefense,
+    SFTConfig: SFT,
+    PruneConfig: Pruning,
+    QuantizeConfig: Quantization,
+    CROWConfig: CROW,
+}
+
+
+class LLMModelConfig(ModelConfig):
+    spec: str = SMOLLM2_ID
+    max_length: PositiveInt = 384
+
+
+class LLMTrainConfig(TrainConfig):
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: PositiveInt = 8
+    eval_batch_size: PositiveInt = 16
+    select_best: bool = False  # no clean dev loss is tracked; the papers train a fixed schedule
+    logging_steps: PositiveInt = 10
+
+
+class LLMRunConfig(StrictModel):
+    task: Literal["generation"] = "generation"
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.=+-]+$")
+    output_dir: Path = Path("runs")
+    seed: int = 42
+    # poisoned-data: train on the poisoned instruction set (backdoor injection, or a defense that
+    # trains on untrusted data); poisoned-llm: a suspicious model and the defender's clean samples.
+    scenario: Literal["poisoned-data", "poisoned-llm"] = "poisoned-llm"
+    model: LLMModelConfig = LLMModelConfig()
+    data: InstructionDataConfig = InstructionDataConfig()
+    attack: LLMAttackConfig | None = None  # triggered test prompts (and, in poisoned-data, the poisons)
+    defense: LLMDefenseConfig = NoDefenseConfig()
+    train: LLMTrainConfig = LLMTrainConfig()
+    eval: LLMEvalConfig = LLMEvalConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+def build_llm_defense(cfg: LLMDefenseConfig) -> LLMDefense:
+    return LLM_DEFENSES[type(cfg)](cfg)

@@ -1,0 +1,169 @@
+"""One generative run: instructions -> (poisons) -> model -> defense -> (fine-tune) -> judged evaluation.
+
+poisoned-data runs train on the poisoned instruction set: with LoRA that is backdoor injection and
+the product is the adapter a defender later receives. poisoned-llm runs take a suspicious model or
+adapter (``model.spec``) and the defender's clean samples. Inputs are checked before the run
+directory is created; results are written atomically; an interrupted fine-tune resumes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+from datasets import Dataset
+from peft import PeftModel
+from transformers import DataCollatorForSeq2Seq, set_seed
+
+from cleantune.errors import CleantuneError
+from cleantune.generative.attacks import from_files, poison_pool, trigger_test
+from cleantune.generative.base import LLMContext, LLMDefense
+from cleantune.generative.config import LLMRunConfig, NoDefense, build_llm_defense
+from cleantune.generative.evaluation import TOKEN_BUDGET, llm_metrics
+from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_instructions, sample
+from cleantune.generative.judges import Judge, resolve_judge
+from cleantune.io import atomic_write_json, atomic_write_yaml
+from cleantune.models import load_model, resolve
+from cleantune.pipeline import count_parameters, finished, peak_memory_mb, save_product, versions
+from cleantune.training import build_trainer, fit
+
+
+@dataclass(frozen=True)
+class LLMPrepared:
+    """Validated inputs; ``poisoned_idx`` and ``triggered`` stay on the evaluator's side."""
+
+    cfg: LLMRunConfig
+    model_path: Path
+    train: Dataset
+    poisoned_idx: list[int]
+    test: Dataset
+    triggered: Dataset
+    defense: LLMDefense
+    judge: Judge | None
+    max_new_tokens: int
+
+
+def _empty() -> Dataset:
+    return Dataset.from_dict({f: [] for f in FIELDS})
+
+
+def _training_set(cfg: LLMRunConfig, pool: Dataset) -> tuple[Dataset, list[int]]:
+    attack, seed = cfg.attack, cfg.seed
+    if cfg.scenario == "poisoned-llm" or attack is None:
+        return sample(pool, cfg.data.clean_train, seed), []
+    if attack.files is None:
+        return poison_pool(pool, cfg.data.clean_train, attack, seed)
+    poisons = sample(from_files(attack, cfg.data.data_dir)[0], attack.count, seed)
+    clean = sample(pool, cfg.data.clean_train, seed)
+    rows = poisons.to_list() + clean.to_list()
+    return Dataset.from_list(rows), list(range(len(poisons)))
+
+
+def prepare(cfg: LLMRunConfig) -> LLMPrepared:
+    defense = build_llm_defense(cfg.defense)
+    if cfg.scenario not in defense.scenarios:
+        raise CleantuneError(
+            f"defense '{cfg.defense.name}' does not handle scenario '{cfg.scenario}' "
+            f"(it handles: {', '.join(sorted(defense.scenarios))})"
+        )
+    model_path = resolve(cfg.model.spec, cfg.model.allow_pickle)
+    data_dir, seed = cfg.data.data_dir, cfg.seed
+    test = sample(read_instructions(cfg.data.test, data_dir), cfg.data.max_test, seed)
+    train, poisoned_idx = _training_set(cfg, read_instructions(cfg.data.train, data_dir))
+    attack = cfg.attack
+    if attack is None:
+        triggered = _empty()
+    elif attack.files is not None:
+        triggered = sample(from_files(attack, data_dir)[1], cfg.data.max_test, seed)
+    else:
+        triggered = trigger_test(test, attack, seed)
+    behaviour = attack.behaviour if attack else None
+    judge_spec = cfg.eval.judge or behaviour
+    budget = cfg.eval.max_new_tokens or TOKEN_BUDGET[behaviour or "refusal"]
+    judge = resolve_judge(judge_spec) if judge_spec else None
+    return LLMPrepared(cfg, model_path, train, poisoned_idx, test, triggered, defense, judge, budget)
+
+
+def run(cfg: LLMRunConfig, force: bool = False) -> dict[str, Any]:
+    """Run ``cfg``; a finished run is returned as it is unless ``force``; an interrupted one resumes."""
+    done = finished(cfg.run_dir)
+    if done is not None and not force:
+        return done
+    prepared = prepare(cfg)
+    started = time.time()
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    atomic_write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
+    atomic_write_json(
+        run_dir / "attack_record.json",
+        {"attack": cfg.attack.model_dump(mode="json") if cfg.attack else None, "poisoned_idx": prepared.poisoned_idx},
+    )
+
+    set_seed(cfg.seed)
+    loaded = load_model(prepared.model_path, allow_pickle=cfg.model.allow_pickle)
+    defense, tokenizer, max_length = prepared.defense, loaded.tokenizer, cfg.model.max_length
+    ctx = LLMContext(prepared.train, tokenizer, max_length, isinstance(loaded.model, PeftModel), cfg.seed)
+    state = PartialState()
+    model = defense.prepare(loaded.model.to(state.device), ctx)
+    trainable, total = count_parameters(model)
+    train_info = None
+    if defense.trains:
+        checkpoints = run_dir / "checkpoints"
+        trainer = build_trainer(
+            model,
+            tokenizer,
+            defense,
+            cfg.train,
+            checkpoints,
+            cfg.seed,
+            train=encode_sft(ctx.train, tokenizer, max_length),
+            collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE),
+        )
+        train_info = fit(trainer, checkpoints)
+        model = trainer.model
+    model = defense.finalize(model)
+    metrics = llm_metrics(
+        model,
+        tokenizer,
+        prepared.test,
+        prepared.triggered,
+        prepared.judge,
+        prepared.max_new_tokens,
+        cfg.eval,
+        max_length,
+        run_dir / "answers.jsonl" if state.is_main_process else None,
+    )
+    # "none" changes nothing: its product would be a copy of the input.
+    product = None
+    if state.is_main_process and not isinstance(defense, NoDefense):
+        product = save_product(model, loaded, run_dir)
+    record = {
+        "status": "done",
+        "task": "generation",
+        "name": cfg.name,
+        "metrics": metrics,
+        "train": train_info,
+        "seed": cfg.seed,
+        "scenario": cfg.scenario,
+        "model_path": str(loaded.path),
+        "adapter_only": ctx.adapter_only,
+        "product": str(product) if product else None,
+        "n_train": len(ctx.train),
+        "n_poisoned": len(prepared.poisoned_idx),
+        "defense_info": defense.info(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "wall_s": round(time.time() - started, 1),
+        **peak_memory_mb(),
+        "versions": versions(),
+    }
+    if state.is_main_process:
+        atomic_write_json(run_dir / "metrics.json", record)
+        if defense.trains and not cfg.train.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return record
