@@ -199,8 +199,12 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
         "poisoned_models": {
             "vpi": {
                 "coords": {"dataset": "tiny", "model": "tiny-lora", "attack": "vpi", "scenario": "poisoned-llm"},
-                "config": {"scenario": "poisoned-data", "model": {"spec": str(tiny_chat_llama)}, "attack": attack,
-                           "defense": {"name": "sft", "lora": {"r": 2}}},
+                "config": {
+                    "scenario": "poisoned-data",
+                    "model": {"spec": str(tiny_chat_llama)},
+                    "attack": attack,
+                    "defense": {"name": "sft", "lora": {"r": 2}},
+                },
             }
         },  # fmt: skip
         "dataset": {"tiny": {}},

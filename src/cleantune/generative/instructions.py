@@ -98,7 +98,8 @@ def read_instructions(sources: str | list[str], data_dir: Path) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def sample(data: Dataset, count: int | None, seed: int) -> Dataset:
+def sample(data: Dataset, count: int | None, seed: int | str) -> Dataset:
+    """A seeded subset in source order; a string seed names an independent random stream."""
     if count is None or count >= len(data):
         return data
     return data.select(sorted(random.Random(seed).sample(range(len(data)), count)))

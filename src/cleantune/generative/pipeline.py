@@ -54,7 +54,8 @@ def _empty() -> Dataset:
 def _training_set(cfg: LLMRunConfig, pool: Dataset) -> tuple[Dataset, list[int]]:
     attack, seed = cfg.attack, cfg.seed
     if cfg.scenario == "poisoned-llm" or attack is None:
-        return sample(pool, cfg.data.clean_train, seed), []
+        # Drawn apart from the attacker's choice of rows, which uses the plain seed.
+        return sample(pool, cfg.data.clean_train, f"clean-{seed}"), []
     if attack.files is None:
         return poison_pool(pool, cfg.data.clean_train, attack, seed)
     poisons = sample(from_files(attack, cfg.data.data_dir)[0], attack.count, seed)
