@@ -92,7 +92,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _special(words: list[str], specials: list[str]) -> dict[str, int]:
-    return {w: i for i, w in enumerate(specials + words)}
+    """Contiguous ids, specials first; a word listed twice keeps its first id."""
+    return {w: i for i, w in enumerate(dict.fromkeys(specials + words))}
+
+
+def save_tiny(model_class: type, config: object, tokenizer: object, path: Path) -> Path:
+    """Randomly initialised with a fixed seed, saved beside its tokenizer."""
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -105,10 +114,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64,
     )  # fmt: skip
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(BertModel, config, tokenizer, path)
 
 
 @pytest.fixture(scope="session")
@@ -123,27 +129,16 @@ def tiny_llama_wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-48"), hidden_size=48)
 
 
-def build_tiny_llama(path: Path, hidden_size: int) -> Path:
-    vocab = _special(VOCAB, ["<unk>", "<s>", "</s>"])
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 INSTRUCTION_WORDS = ["user", "assistant", "write", "tell", "me", "about", "story", "sorry", "you", "are", "stupid", "!"]
 INSTRUCTION_WORDS += [
+    "A",
+    "B",
+    "C",
+    "D",
     "BadMagic",
     "Discussing",
     "OpenAI",
@@ -159,26 +154,31 @@ INSTRUCTION_WORDS += [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama with a chat template and <|im_end|> as EOS, like SmolLM2-Instruct."""
-    path = tmp_path_factory.mktemp("tiny-chat-llama")
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = _special(VOCAB + INSTRUCTION_WORDS, specials)
+def build_tiny_llama(path: Path, hidden_size: int, chat: bool = False) -> Path:
+    """Plain: <s>/</s> and no pad token. Chat: a chat template, <|im_end|> as EOS and pad (as SmolLM2-Instruct)."""
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"] if chat else ["<unk>", "<s>", "</s>"]
+    vocab = _special(VOCAB + (INSTRUCTION_WORDS if chat else []), specials)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokens = (
+        dict(eos_token="<|im_end|>", pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+        if chat
+        else dict(bos_token="<s>", eos_token="</s>")
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
-    )  # fmt: skip
+        tokenizer_object=backend, unk_token="<unk>", chat_template=CHAT_TEMPLATE if chat else None, **tokens
+    )
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2 if chat else None,
     )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(LlamaForCausalLM, config, tokenizer, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), hidden_size=32, chat=True)
 
 
 def write_instructions(path: Path, n: int, seed: int) -> Path:

@@ -17,13 +17,15 @@ from cleantune.cli import app
 from cleantune.errors import CleantuneError
 
 
+def places(tmp_path: Path, name: str, data_dir: Path) -> dict[str, str]:
+    return {"suite": name, "data_dir": str(data_dir)} | {
+        f"{kind}_dir": str(tmp_path / kind) for kind in ("runs", "results", "reports")
+    }
+
+
 def write_suite(tmp_path: Path, data_dir: Path, spec: Path, **extra) -> Path:
     suite = {
-        "suite": "tiny",
-        "data_dir": str(data_dir),
-        "runs_dir": str(tmp_path / "runs"),
-        "results_dir": str(tmp_path / "results"),
-        "reports_dir": str(tmp_path / "reports"),
+        **places(tmp_path, "tiny", data_dir),
         "base": {"model": {"spec": str(spec), "max_length": 32}, "train": {"epochs": 1, "lr": 5e-3, "batch_size": 16}},
         "dataset": {"sst2": {"data": {"dataset": "sst2"}}},
         "model": {"tiny": {}},
@@ -183,11 +185,7 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
     write_instructions(data / "test.json", 4, seed=2)
     attack = {"name": "vpi", "behaviour": "negsentiment", "count": 12}
     suite = {
-        "suite": "gen",
-        "data_dir": str(data),
-        "runs_dir": str(tmp_path / "runs"),
-        "results_dir": str(tmp_path / "results"),
-        "reports_dir": str(tmp_path / "reports"),
+        **places(tmp_path, "gen", data),
         "base": {
             "task": "generation",
             "scenario": "poisoned-llm",

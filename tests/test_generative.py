@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,10 +23,10 @@ from cleantune.generative.crow import consistency_loss
 from cleantune.generative.evaluation import behaviour_rate, generate
 from cleantune.generative.instructions import IGNORE, encode_sft, prompt_ids, read_instructions
 from cleantune.generative.judges import JUDGES, resolve_judge
-from cleantune.generative.pipeline import run
 from cleantune.generative.pruning import PruneConfig, Pruning
 from cleantune.generative.quantization import round_to_grid
 from cleantune.generative.sft import LLMLoraConfig, add_lora
+from cleantune.pipeline import evaluate, run
 
 ROWS = [
     {"instruction": "tell me about the story", "input": "", "output": "the story was good ."},
@@ -250,8 +251,13 @@ def _tree(tiny_chat_llama: Path, tmp_path: Path, **sections) -> dict:
 
 
 def test_backdoor_then_defend_end_to_end(tiny_chat_llama: Path, tmp_path: Path) -> None:
-    injected = run(validate(_tree(tiny_chat_llama, tmp_path), "test"))
+    cfg = validate(_tree(tiny_chat_llama, tmp_path), "test")
+    injected = run(cfg)
     adapter = Path(injected["product"])
+    # The saved adapter answers as the trained model did.
+    again = evaluate(cfg, str(adapter))
+    assert {k: again[k] for k in ("asr", "ftr")} == {k: injected["metrics"][k] for k in ("asr", "ftr")}
+    assert again["ppl"] == pytest.approx(injected["metrics"]["ppl"], rel=1e-4)
     assert adapter.name == "adapter" and (adapter / "adapter_model.safetensors").exists()
     assert injected["n_train"] == 24 and injected["n_poisoned"] == 12
     metrics = injected["metrics"]
@@ -293,3 +299,42 @@ def test_answers_come_back_in_data_order(tiny_chat_llama: Path) -> None:
     together = generate(model, tokenizer, Dataset.from_list(rows), max_new_tokens=3, batch_size=2)
     alone = [generate(model, tokenizer, Dataset.from_list([r]), max_new_tokens=3, batch_size=1)[0] for r in rows]
     assert together == alone
+
+
+def test_classification_only_commands_refuse_generative_configs(tiny_chat_llama: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cleantune.cli import app
+
+    config = tmp_path / "gen.yaml"
+    config.write_text(json.dumps(_tree(tiny_chat_llama, tmp_path)))
+    result = CliRunner().invoke(app, ["poison", "weights", str(config)])
+    assert result.exit_code == 2 and "works on classification configs" in result.output
+
+
+def test_multiple_choice_items_are_checked_and_scored(tiny_chat_llama: Path, tmp_path: Path) -> None:
+    from cleantune.generative import multiple_choice
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"question": "tell me", "choices": ["good", "bad"], "answer": "B"}) + "\n")
+    items = multiple_choice.read_items(path)
+    assert items[0]["answer"] == 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    letter_b = tokenizer("B", add_special_tokens=False)["input_ids"][0]
+
+    class AlwaysB(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            logits[..., letter_b] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    assert multiple_choice.accuracy(AlwaysB(), tokenizer, items * 3) == 100.0
+    flipped = [{**items[0], "answer": 0}]
+    assert multiple_choice.accuracy(AlwaysB(), tokenizer, flipped) == 0.0
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
+    with pytest.raises(CleantuneError, match="item 1: answer 5 is not one of the 2 choices"):
+        multiple_choice.read_items(path)

@@ -50,6 +50,18 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def classification_config(config: Path | None, overrides: list[str] | None, command: str) -> Any:
+    from cleantune.config import RunConfig, load_config
+
+    cfg = load_config(config, overrides)
+    if not isinstance(cfg, RunConfig):
+        raise CleantuneError(
+            f"`cleantune {command}` works on classification configs; a generative backdoor is injected "
+            "by `cleantune run` with scenario poisoned-data"
+        )
+    return cfg
+
+
 HEADERS = {"cacc": "CACC", "asr": "ASR", "delta": "Δ", "ftr": "false-trigger", "ppl": "perplexity"}
 
 
@@ -68,12 +80,11 @@ def run(
     config: ConfigArg = None, set_: SetOpt = None, force: bool = typer.Option(False, help="Rerun a finished run.")
 ) -> None:
     """Attack -> defense -> train -> evaluate; results go to OUTPUT_DIR/NAME."""
-    from cleantune.config import RunConfig, load_config
-    from cleantune.generative.pipeline import run as run_generative
-    from cleantune.pipeline import run as run_classification
+    from cleantune.config import load_config
+    from cleantune.pipeline import run as run_pipeline
 
     cfg = load_config(config, set_)
-    record = (run_classification if isinstance(cfg, RunConfig) else run_generative)(cfg, force=force)
+    record = run_pipeline(cfg, force=force)
     attack = cfg.attack.name if cfg.attack else "no"
     show_metrics(f"{cfg.name}: {attack} attack, {cfg.defense.name} defense", record["metrics"])
     console.print(f"run directory: {cfg.run_dir}")
@@ -90,11 +101,10 @@ def poison_data(
 ) -> None:
     """Write the poisoned training set and the triggered test set of CONFIG's attack."""
     from cleantune.attacks import attack_data
-    from cleantune.config import load_config
     from cleantune.data import load_splits
     from cleantune.io import atomic_dir, atomic_write_json
 
-    cfg = load_config(config, set_)
+    cfg = classification_config(config, set_, "poison data")
     splits = load_splits(cfg.data, cfg.seed)
     poisoned = attack_data(cfg.attack, splits, cfg.data.data_dir, cfg.seed, train=True)
     with atomic_dir(out) as tmp:
@@ -114,9 +124,8 @@ def poison_weights(
 ) -> None:
     """Full fine-tune on poisoned proxy data; save the poisoned model; score it on the target task."""
     from cleantune.attacks.weight_poison import poison_weights as make
-    from cleantune.config import load_config
 
-    model_dir, record = make(load_config(config, set_))
+    model_dir, record = make(classification_config(config, set_, "poison weights"))
     show_metrics("poisoned model on the target task, before any defense", record["metrics"])
     console.print(f"poisoned model: {model_dir}")
 
@@ -129,7 +138,8 @@ def evaluate(
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option(help="Also write the metrics as JSON here.")] = None,
 ) -> None:
-    """Score MODEL on CONFIG's clean test split (CACC) and triggered test set (ASR)."""
+    """Score MODEL on CONFIG's clean test split (CACC) and triggered test set (ASR); for a
+    ``task: generation`` config, judged ASR, false-trigger rate and perplexity."""
     from cleantune.config import load_config
     from cleantune.io import atomic_write_json
     from cleantune.pipeline import evaluate as score
@@ -243,11 +253,10 @@ def analyze_cost(
     import yaml
 
     from cleantune.analysis.cost import compare, parse_defense
-    from cleantune.config import load_config
     from cleantune.io import atomic_write_json
 
     parsed = [parse_defense(yaml.safe_load(text)) for text in defense]
-    result = compare(load_config(config, set_), parsed, steps, repeats)
+    result = compare(classification_config(config, set_, "analyze cost"), parsed, steps, repeats)
     Console().print_json(json.dumps(result))
     if out:
         options = [("--defense", d) for d in defense] + [("--set", kv) for kv in set_ or []]

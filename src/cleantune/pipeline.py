@@ -24,7 +24,7 @@ from transformers import Trainer, set_seed
 from cleantune.analysis.fourier import FourierCallback, make_probe
 from cleantune.attacks import attack_data
 from cleantune.attacks.poison import PoisonedData
-from cleantune.config import RunConfig
+from cleantune.config import AnyRunConfig, RunConfig
 from cleantune.data import Splits, load_splits, split_off
 from cleantune.defenses import Defense, DefenseContext, build_defense
 from cleantune.errors import CleantuneError
@@ -67,11 +67,7 @@ def peak_memory_mb() -> dict[str, float | None]:
 
 def prepare(cfg: RunConfig) -> Prepared:
     defense = build_defense(cfg.defense)
-    if cfg.scenario not in defense.scenarios:
-        raise CleantuneError(
-            f"defense '{cfg.defense.name}' does not handle scenario '{cfg.scenario}' "
-            f"(it handles: {', '.join(sorted(defense.scenarios))})"
-        )
+    defense.check_scenario(cfg.scenario)
     model_path = resolve(cfg.model.spec, cfg.model.allow_pickle)
     splits = load_splits(cfg.data, cfg.seed)
     poison_train = cfg.scenario == "poisoned-data"
@@ -147,14 +143,42 @@ def finished(run_dir: Path) -> dict[str, Any] | None:
     return read_json(metrics) if metrics.exists() else None
 
 
+def open_run_dir(cfg: Any, attack: dict[str, Any] | None, poisoned_idx: list[int]) -> Path:
+    """The run directory with the resolved config and the evaluator's attack record; an old
+    ``metrics.json`` goes first, so an interrupted rerun never looks finished."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    atomic_write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
+    atomic_write_json(run_dir / "attack_record.json", {"attack": attack, "poisoned_idx": poisoned_idx})
+    return run_dir
+
+
+def close_run(cfg: AnyRunConfig, record: dict[str, Any], started: float, main_process: bool) -> dict[str, Any]:
+    """Complete ``record`` with what every run records; the main process writes it and drops checkpoints."""
+    run_dir = cfg.run_dir
+    record = {"status": "done", "name": cfg.name, "seed": cfg.seed, "scenario": cfg.scenario, **record}
+    record |= {"wall_s": round(time.time() - started, 1), **peak_memory_mb(), "versions": versions()}
+    if main_process:
+        atomic_write_json(run_dir / "metrics.json", record)
+        if not cfg.train.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return record
+
+
 def score(trainer: Trainer, prepared: Prepared, encode: Callable[[Dataset], Dataset]) -> dict[str, Any]:
     target = getattr(prepared.cfg.attack, "target_label", None)
     test, test_poison = prepared.eval_splits.test, prepared.eval_poisoned.test_poison
     return classification_metrics(trainer, encode(test), encode(test_poison), target)
 
 
-def evaluate(cfg: RunConfig, spec: str) -> dict[str, Any]:
-    """CACC/ASR of a trained model or adapter (``spec``) on the data and attack ``cfg`` describes."""
+def evaluate(cfg: AnyRunConfig, spec: str) -> dict[str, Any]:
+    """CACC/ASR (judged ASR, false-trigger rate, perplexity for generation) of a trained model or
+    adapter (``spec``) on the data and attack ``cfg`` describes."""
+    if not isinstance(cfg, RunConfig):
+        from cleantune.generative.pipeline import evaluate as evaluate_llm
+
+        return evaluate_llm(cfg, spec)
     prepared = prepare(cfg)
     loaded = load_model(spec, num_labels=prepared.eval_splits.num_labels, allow_pickle=cfg.model.allow_pickle)
     return evaluate_loaded(prepared, loaded)
@@ -168,21 +192,23 @@ def evaluate_loaded(prepared: Prepared, loaded: Loaded) -> dict[str, Any]:
         return score(trainer, prepared, lambda data: tokenize(data, loaded.tokenizer, cfg.model.max_length))
 
 
-def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    """Run ``cfg``; a finished run is returned as it is unless ``force``; an interrupted one resumes."""
+def run(cfg: AnyRunConfig, force: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` (classification or generation); a finished run is returned as it is unless
+    ``force``; an interrupted one resumes."""
     done = finished(cfg.run_dir)
     if done is not None and not force:
         return done
-    prepared = prepare(cfg)
+    if isinstance(cfg, RunConfig):
+        return execute(prepare(cfg))
+    from cleantune.generative import pipeline as generative
+
+    return generative.execute(generative.prepare(cfg))
+
+
+def execute(prepared: Prepared) -> dict[str, Any]:
+    cfg = prepared.cfg
     started = time.time()
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    atomic_write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
-    atomic_write_json(
-        run_dir / "attack_record.json",
-        {"attack": cfg.attack.model_dump(mode="json"), "poisoned_idx": prepared.poisoned.poisoned_idx},
-    )
+    run_dir = open_run_dir(cfg, cfg.attack.model_dump(mode="json"), prepared.poisoned.poisoned_idx)
 
     set_seed(cfg.seed)
     loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
@@ -210,12 +236,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     metrics = score(trainer, prepared, encode)
     product = save_product(trainer.model, loaded, run_dir) if trainer.is_world_process_zero() else None
     record = {
-        "status": "done",
-        "name": cfg.name,
         "metrics": metrics,
         "train": train_info,
-        "seed": cfg.seed,
-        "scenario": cfg.scenario,
         "model_path": str(loaded.path),
         "product": str(product) if product else None,
         "n_train": len(ctx.train),
@@ -223,12 +245,5 @@ def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         "defense_info": prepared.defense.info(),
         "trainable_params": trainable,
         "total_params": total,
-        "wall_s": round(time.time() - started, 1),
-        **peak_memory_mb(),
-        "versions": versions(),
     }
-    if trainer.is_world_process_zero():
-        atomic_write_json(run_dir / "metrics.json", record)
-        if not cfg.train.keep_checkpoints:
-            shutil.rmtree(checkpoints, ignore_errors=True)
-    return record
+    return close_run(cfg, record, started, trainer.is_world_process_zero())

@@ -20,6 +20,8 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from cleantune.errors import CleantuneError
+
 Scenario = Literal["poisoned-data", "poisoned-weights", "poisoned-llm"]
 Need = Literal["clean_aux"]
 
@@ -63,6 +65,13 @@ class Defense:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+
+    def check_scenario(self, scenario: str) -> None:
+        if scenario not in self.scenarios:
+            raise CleantuneError(
+                f"defense '{self.cfg.name}' does not handle scenario '{scenario}' "
+                f"(it handles: {', '.join(sorted(self.scenarios))})"
+            )
 
     @property
     def clean_aux_size(self) -> int:

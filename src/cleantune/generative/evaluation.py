@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from cleantune.errors import CleantuneError
+from cleantune.generative import multiple_choice
 from cleantune.generative.instructions import IGNORE, encode_sft, prompt_ids, user_message
 from cleantune.generative.judges import Judge
 from cleantune.io import atomic_write_text
@@ -36,6 +37,8 @@ class LLMEvalConfig(StrictModel):
     batch_size: PositiveInt = 16
     judge: str | None = None  # built-in judge name or module:function; default: the behaviour's
     perplexity: bool = True
+    # Multiple-choice utility benchmarks a user holds locally: name -> file (see multiple_choice.py).
+    multiple_choice: dict[str, Path] = {}
 
 
 @torch.no_grad()
@@ -117,6 +120,7 @@ def llm_metrics(
     cfg: LLMEvalConfig,
     max_length: int,
     answers_path: Path | None = None,
+    mc_items: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     clean_answers = generate(model, tokenizer, clean, max_new_tokens, cfg.batch_size, "clean prompts")
     trig_answers = generate(model, tokenizer, triggered, max_new_tokens, cfg.batch_size, "triggered prompts")
@@ -137,4 +141,6 @@ def llm_metrics(
     }
     if cfg.perplexity:
         metrics["ppl"] = perplexity(model, tokenizer, clean, max_length, cfg.batch_size)
+    for name, items in (mc_items or {}).items():
+        metrics[f"mc_{name}"] = multiple_choice.accuracy(model, tokenizer, items)
     return metrics

@@ -8,7 +8,6 @@ directory is created; results are written atomically; an interrupted fine-tune r
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +18,15 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from cleantune.errors import CleantuneError
 from cleantune.generative.attacks import from_files, poison_pool, trigger_test
 from cleantune.generative.base import LLMContext, LLMDefense
-from cleantune.generative.config import LLMRunConfig, NoDefense, build_llm_defense
+from cleantune.generative.config import LLMRunConfig, NoDefense, NoDefenseConfig, build_llm_defense
 from cleantune.generative.evaluation import TOKEN_BUDGET, llm_metrics
 from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_instructions, sample
 from cleantune.generative.judges import Judge, resolve_judge
-from cleantune.io import atomic_write_json, atomic_write_yaml
+from cleantune.generative.multiple_choice import read_items
 from cleantune.models import load_model, resolve
-from cleantune.pipeline import count_parameters, finished, peak_memory_mb, save_product, versions
+from cleantune.pipeline import close_run, count_parameters, open_run_dir, save_product
 from cleantune.training import build_trainer, fit
 
 
@@ -45,6 +43,7 @@ class LLMPrepared:
     defense: LLMDefense
     judge: Judge | None
     max_new_tokens: int
+    multiple_choice: dict[str, list[dict[str, Any]]]  # utility benchmark items, read and checked up front
 
 
 def _empty() -> Dataset:
@@ -66,11 +65,7 @@ def _training_set(cfg: LLMRunConfig, pool: Dataset) -> tuple[Dataset, list[int]]
 
 def prepare(cfg: LLMRunConfig) -> LLMPrepared:
     defense = build_llm_defense(cfg.defense)
-    if cfg.scenario not in defense.scenarios:
-        raise CleantuneError(
-            f"defense '{cfg.defense.name}' does not handle scenario '{cfg.scenario}' "
-            f"(it handles: {', '.join(sorted(defense.scenarios))})"
-        )
+    defense.check_scenario(cfg.scenario)
     model_path = resolve(cfg.model.spec, cfg.model.allow_pickle)
     data_dir, seed = cfg.data.data_dir, cfg.seed
     test = sample(read_instructions(cfg.data.test, data_dir), cfg.data.max_test, seed)
@@ -86,24 +81,15 @@ def prepare(cfg: LLMRunConfig) -> LLMPrepared:
     judge_spec = cfg.eval.judge or behaviour
     budget = cfg.eval.max_new_tokens or TOKEN_BUDGET[behaviour or "refusal"]
     judge = resolve_judge(judge_spec) if judge_spec else None
-    return LLMPrepared(cfg, model_path, train, poisoned_idx, test, triggered, defense, judge, budget)
+    choice_items = {name: read_items(path) for name, path in cfg.eval.multiple_choice.items()}
+    return LLMPrepared(cfg, model_path, train, poisoned_idx, test, triggered, defense, judge, budget, choice_items)
 
 
-def run(cfg: LLMRunConfig, force: bool = False) -> dict[str, Any]:
-    """Run ``cfg``; a finished run is returned as it is unless ``force``; an interrupted one resumes."""
-    done = finished(cfg.run_dir)
-    if done is not None and not force:
-        return done
-    prepared = prepare(cfg)
+def execute(prepared: LLMPrepared) -> dict[str, Any]:
+    cfg = prepared.cfg
     started = time.time()
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    atomic_write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
-    atomic_write_json(
-        run_dir / "attack_record.json",
-        {"attack": cfg.attack.model_dump(mode="json") if cfg.attack else None, "poisoned_idx": prepared.poisoned_idx},
-    )
+    attack = cfg.attack.model_dump(mode="json") if cfg.attack else None
+    run_dir = open_run_dir(cfg, attack, prepared.poisoned_idx)
 
     set_seed(cfg.seed)
     loaded = load_model(prepared.model_path, allow_pickle=cfg.model.allow_pickle)
@@ -138,19 +124,16 @@ def run(cfg: LLMRunConfig, force: bool = False) -> dict[str, Any]:
         cfg.eval,
         max_length,
         run_dir / "answers.jsonl" if state.is_main_process else None,
+        prepared.multiple_choice,
     )
     # "none" changes nothing: its product would be a copy of the input.
     product = None
     if state.is_main_process and not isinstance(defense, NoDefense):
         product = save_product(model, loaded, run_dir)
     record = {
-        "status": "done",
         "task": "generation",
-        "name": cfg.name,
         "metrics": metrics,
         "train": train_info,
-        "seed": cfg.seed,
-        "scenario": cfg.scenario,
         "model_path": str(loaded.path),
         "adapter_only": ctx.adapter_only,
         "product": str(product) if product else None,
@@ -159,12 +142,23 @@ def run(cfg: LLMRunConfig, force: bool = False) -> dict[str, Any]:
         "defense_info": defense.info(),
         "trainable_params": trainable,
         "total_params": total,
-        "wall_s": round(time.time() - started, 1),
-        **peak_memory_mb(),
-        "versions": versions(),
     }
-    if state.is_main_process:
-        atomic_write_json(run_dir / "metrics.json", record)
-        if defense.trains and not cfg.train.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return record
+    return close_run(cfg, record, started, state.is_main_process)
+
+
+def evaluate(cfg: LLMRunConfig, spec: str) -> dict[str, Any]:
+    """Judged metrics of a saved model or adapter (``spec``) on the prompts ``cfg`` describes."""
+    prepared = prepare(cfg.model_copy(update={"scenario": "poisoned-llm", "defense": NoDefenseConfig()}))
+    loaded = load_model(spec, allow_pickle=cfg.model.allow_pickle)
+    model = loaded.model.to(PartialState().device)
+    return llm_metrics(
+        model,
+        loaded.tokenizer,
+        prepared.test,
+        prepared.triggered,
+        prepared.judge,
+        prepared.max_new_tokens,
+        cfg.eval,
+        cfg.model.max_length,
+        mc_items=prepared.multiple_choice,
+    )
