@@ -63,6 +63,20 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_records(path: Path, what: str) -> list[Any]:
+    """The rows of a JSON array or JSON-lines file; ``what`` names the file in errors."""
+    from cleantune.errors import CleantuneError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CleantuneError(f"{what} '{path}' does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    except json.JSONDecodeError as err:
+        raise CleantuneError(f"cannot parse '{path}' as JSON or JSON lines: {err}") from err
+
+
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
     """Write a matplotlib figure atomically and close it."""
     import matplotlib.pyplot as plt

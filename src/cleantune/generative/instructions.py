@@ -7,7 +7,6 @@ appends the answer to exactly those ids, and evaluation generates from exactly t
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from pydantic import PositiveInt
 from transformers import PreTrainedTokenizerBase
 
 from cleantune.errors import CleantuneError
+from cleantune.io import read_records
 from cleantune.schema import StrictModel
 
 FIELDS = ("instruction", "input", "output")
@@ -53,14 +53,7 @@ def _read_source(source: str, data_dir: Path) -> tuple[list[dict[str, Any]], str
             raise CleantuneError(f"instruction data '{source}' could not be loaded from the hub: {err}") from err
         return rows, source
     path = Path(source) if Path(source).is_absolute() else data_dir / source
-    if not path.is_file():
-        raise CleantuneError(f"instruction file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
-    except json.JSONDecodeError as err:
-        raise CleantuneError(f"cannot parse '{path}' as JSON or JSON lines: {err}") from err
-    return rows, str(path)
+    return read_records(path, "instruction file"), str(path)
 
 
 def validate_rows(rows: list[Any], source: str) -> Dataset:

@@ -8,7 +8,6 @@ One forward pass per item, so utility checks stay cheap on a CPU.
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,13 @@ from transformers import PreTrainedTokenizerBase
 
 from cleantune.errors import CleantuneError
 from cleantune.generative.instructions import prompt_ids
+from cleantune.io import read_records
 
 LETTERS = string.ascii_uppercase
 
 
 def read_items(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise CleantuneError(f"multiple-choice file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
-    except json.JSONDecodeError as err:
-        raise CleantuneError(f"cannot parse '{path}': {err}") from err
+    rows = read_records(path, "multiple-choice file")
     items = []
     for row_no, row in enumerate(rows, start=1):
         where = f"{path}: item {row_no}"
