@@ -1,0 +1,77 @@
+"""Signature purification's scores (Eq. 2) and channel suppression on a tiny Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cleantune.errors import CleantuneError
+from cleantune.generative.sft import LLMLoraConfig, add_lora
+from cleantune.generative.signature_purification import (
+    channel_vectors,
+    select_signature,
+    signature_scores,
+    suppress,
+)
+
+
+def test_a_planted_consistent_channel_ranks_first() -> None:
+    torch.manual_seed(0)
+    direction = torch.randn(8)
+    deltas = []
+    for _ in range(6):
+        delta = torch.randn(20, 8)
+        delta[7] = 3 * direction + 0.1 * torch.randn(8)  # strong and aligned in every variant
+        deltas.append(delta)
+    for mode in ("combined", "norm", "alignment"):
+        assert signature_scores(deltas, lam=0.01, mode=mode).argmax() == 7
+    assert select_signature(signature_scores(deltas), ratio=0.05).tolist() == [7]
+
+
+def test_the_alignment_term_ignores_negatively_aligned_variants() -> None:
+    v = torch.ones(1, 4)
+    opposed = [v, -v, v, -v]  # pairs are at cos +1 (2 of 6) or -1 (4 of 6)
+    assert signature_scores(opposed, mode="alignment").item() == pytest.approx(2 / 6)
+    assert signature_scores([v, -v], mode="alignment").item() == 0.0  # never negative
+    # The combined score is the norm term plus λ times the alignment term.
+    assert signature_scores(opposed, lam=0.5).item() == pytest.approx(2.0 + 0.5 * 2 / 6)
+
+
+def test_adapter_suppression_zeroes_exactly_the_selected_channels(tiny_chat_llama: Path) -> None:
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig(targets="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    vectors = channel_vectors(model, adapter_only=True)
+    assert vectors.shape == (2 * 64, 8 + 8 + 8)  # 2 layers x 64 channels; gate/up B rows, down A column (r 8)
+    chosen = torch.tensor([3, 64 + 10, 64 + 63])
+    assert suppress(model, chosen, adapter_only=True, init_std=0.02) == 9
+    after = channel_vectors(model, adapter_only=True)
+    zero = after.abs().sum(dim=1) == 0
+    assert zero.nonzero().flatten().tolist() == chosen.tolist()
+    for name, param in model.named_parameters():
+        if "mlp" not in name or "lora_" not in name or "lora_A" in name and "down" not in name:
+            assert torch.equal(param, before[name]), name  # base weights and other factors untouched
+
+
+def test_full_model_suppression_reinitialises_rows_and_columns(tiny_chat_llama: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
+    before = channel_vectors(model, adapter_only=False)
+    torch.manual_seed(1)
+    suppress(model, torch.tensor([5, 70]), adapter_only=False, init_std=0.02)
+    after = channel_vectors(model, adapter_only=False)
+    moved = (after != before).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [5, 70]
+    assert after[[5, 70]].std().item() == pytest.approx(0.02, rel=0.3)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight[:, 4], before[4, -32:])
+
+
+def test_an_adapter_without_mlp_lora_is_refused(tiny_chat_llama: Path) -> None:
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig())  # q/v only
+    with pytest.raises(CleantuneError, match="no LoRA on the MLP projections"):
+        channel_vectors(model, adapter_only=True)
