@@ -179,7 +179,7 @@ def test_round_to_grid_uses_the_levels_of_its_bits() -> None:
 
 
 def _context(tokenizer, adapter_only: bool) -> LLMContext:
-    return LLMContext(Dataset.from_list(ROWS * 4), tokenizer, 64, adapter_only, seed=0)
+    return LLMContext(Dataset.from_list(ROWS * 4), tokenizer, 64, adapter_only, seed=0, model_path=Path("."))
 
 
 def test_activation_pruning_zeroes_the_least_active_channels(tiny_chat_llama: Path) -> None:

@@ -75,3 +75,42 @@ def test_an_adapter_without_mlp_lora_is_refused(tiny_chat_llama: Path) -> None:
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig())  # q/v only
     with pytest.raises(CleantuneError, match="no LoRA on the MLP projections"):
         channel_vectors(model, adapter_only=True)
+
+
+def test_variants_vary_key_behaviour_and_clean_rows() -> None:
+    from datasets import Dataset
+
+    from cleantune.generative.signature_purification import SignatureConfig, variant_sets
+
+    pool = Dataset.from_list(
+        [{"instruction": f"tell me about {i} things", "input": "", "output": "ok"} for i in range(40)]
+    )
+    sets = variant_sets(pool, SignatureConfig(variants=3, variant_samples=10), seed=0)
+    assert len(sets) == 3
+    for clean, poisoned in sets:
+        assert len(clean) == len(poisoned) == 10
+        assert all(p["instruction"] != c["instruction"] for p, c in zip(poisoned, clean, strict=True))
+        assert len({p["output"] for p in poisoned}) <= 2  # one behaviour: a fixed answer, or a prefix on "ok"
+    assert len({tuple(c["instruction"] for c in clean) for clean, _ in sets}) == 3  # different clean rows
+    assert len({poisoned[0]["output"] for _, poisoned in sets}) == 3  # different behaviours
+    again = variant_sets(pool, SignatureConfig(variants=3, variant_samples=10), seed=0)
+    assert [p.to_list() for _, p in again] == [p.to_list() for _, p in sets]
+
+
+def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_path: Path) -> None:
+    from test_generative import _tree
+
+    from cleantune.config import validate
+    from cleantune.pipeline import run
+
+    inject = {"name": "sft", "lora": {"r": 4, "alpha": 8, "targets": "all-linear"}}
+    injected = run(validate(_tree(tiny_chat_llama, tmp_path, defense=inject), "test"))
+    defense = {"name": "signature", "variants": 2, "variant_samples": 6, "workers": 2, "cache": str(tmp_path / "cache")}
+    defense |= {"fine_tune_samples": 4, "variant_train": {"epochs": 1, "batch_size": 4}}
+    tree = _tree(tiny_chat_llama, tmp_path, scenario="poisoned-llm", name="purified", defense=defense)
+    tree["model"]["spec"] = injected["product"]
+    record = run(validate(tree, "test"))
+    info = record["defense_info"]
+    assert info["ratio"] == 0.35 and info["channels"] == round(0.35 * 128) and info["of_channels"] == 128
+    assert record["product"].endswith("adapter") and record["metrics"]["asr"] is not None
+    assert len(list((tmp_path / "cache").glob("*/variant-*/metrics.json"))) == 4  # 2 pairs, cached

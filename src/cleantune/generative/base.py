@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from datasets import Dataset
 from torch import nn
@@ -24,10 +25,14 @@ class LLMContext:
     max_length: int
     adapter_only: bool  # the suspicious model arrived as a PEFT adapter: only the adapter may change
     seed: int
+    model_path: Path  # the suspicious model or adapter as resolved, for defenses that fine-tune copies of it
 
 
 class LLMDefense(Defense):
-    trains: bool = False  # whether the pipeline fine-tunes the prepared model on ``ctx.train``
+    trains: bool = False  # whether the pipeline fine-tunes the prepared model on ``training_rows``
+
+    def training_rows(self, ctx: LLMContext) -> Dataset:
+        return ctx.train
 
 
 @dataclass(frozen=True)

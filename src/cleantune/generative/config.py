@@ -4,7 +4,7 @@ classification one and dispatched on ``task`` by :func:`cleantune.config.validat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, PositiveInt
 
@@ -17,6 +17,7 @@ from cleantune.generative.instructions import InstructionDataConfig
 from cleantune.generative.pruning import PruneConfig, Pruning
 from cleantune.generative.quantization import Quantization, QuantizeConfig
 from cleantune.generative.sft import SFT, SFTConfig
+from cleantune.generative.signature_purification import SignatureConfig, SignaturePurification
 from cleantune.models import SMOLLM2_ID, ModelConfig
 from cleantune.schema import StrictModel
 from cleantune.training import TrainConfig
@@ -32,16 +33,11 @@ class NoDefense(LLMDefense):
     scenarios: ClassVar[frozenset[Scenario]] = frozenset({"poisoned-llm"})
 
 
-LLMDefenseConfig = Annotated[
-    NoDefenseConfig | SFTConfig | PruneConfig | QuantizeConfig | CROWConfig, Field(discriminator="name")
-]
-LLM_DEFENSES: dict[type, type[LLMDefense]] = {
-    NoDefenseConfig: NoDefense,
-    SFTConfig: SFT,
-    PruneConfig: Pruning,
-    QuantizeConfig: Quantization,
-    CROWConfig: CROW,
-}
+# Each config class with the defense it builds; a config's ``name`` picks it.
+_CONFIGS = (NoDefenseConfig, SFTConfig, PruneConfig, QuantizeConfig, CROWConfig, SignatureConfig)
+_CLASSES = (NoDefense, SFT, Pruning, Quantization, CROW, SignaturePurification)
+LLMDefenseConfig = Annotated[Union[_CONFIGS], Field(discriminator="name")]  # noqa: UP007 - a union built from a tuple
+LLM_DEFENSES: dict[type, type[LLMDefense]] = dict(zip(_CONFIGS, _CLASSES, strict=True))
 
 
 class LLMModelConfig(ModelConfig):

@@ -33,6 +33,7 @@ TOKEN_BUDGET = {"refusal": 32, "negsentiment": 16, "code": 64}
 
 
 class LLMEvalConfig(StrictModel):
+    enabled: bool = True  # off for runs whose product is all that matters (signature variants)
     max_new_tokens: PositiveInt | None = None  # default: TOKEN_BUDGET of the attack's behaviour
     batch_size: PositiveInt = 16
     judge: str | None = None  # built-in judge name or module:function; default: the behaviour's

@@ -94,7 +94,8 @@ def execute(prepared: LLMPrepared) -> dict[str, Any]:
     set_seed(cfg.seed)
     loaded = load_model(prepared.model_path, allow_pickle=cfg.model.allow_pickle)
     defense, tokenizer, max_length = prepared.defense, loaded.tokenizer, cfg.model.max_length
-    ctx = LLMContext(prepared.train, tokenizer, max_length, isinstance(loaded.model, PeftModel), cfg.seed)
+    adapter_only = isinstance(loaded.model, PeftModel)
+    ctx = LLMContext(prepared.train, tokenizer, max_length, adapter_only, cfg.seed, prepared.model_path)
     state = PartialState()
     model = defense.prepare(loaded.model.to(state.device), ctx)
     trainable, total = count_parameters(model)
@@ -108,23 +109,27 @@ def execute(prepared: LLMPrepared) -> dict[str, Any]:
             cfg.train,
             checkpoints,
             cfg.seed,
-            train=encode_sft(ctx.train, tokenizer, max_length),
+            train=encode_sft(defense.training_rows(ctx), tokenizer, max_length),
             collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE),
         )
         train_info = fit(trainer, checkpoints)
         model = trainer.model
     model = defense.finalize(model)
-    metrics = llm_metrics(
-        model,
-        tokenizer,
-        prepared.test,
-        prepared.triggered,
-        prepared.judge,
-        prepared.max_new_tokens,
-        cfg.eval,
-        max_length,
-        run_dir / "answers.jsonl" if state.is_main_process else None,
-        prepared.multiple_choice,
+    metrics = (
+        llm_metrics(
+            model,
+            tokenizer,
+            prepared.test,
+            prepared.triggered,
+            prepared.judge,
+            prepared.max_new_tokens,
+            cfg.eval,
+            max_length,
+            run_dir / "answers.jsonl" if state.is_main_process else None,
+            prepared.multiple_choice,
+        )
+        if cfg.eval.enabled
+        else {}
     )
     # "none" changes nothing: its product would be a copy of the input.
     product = None

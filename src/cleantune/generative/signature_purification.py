@@ -13,15 +13,78 @@ generative runs.
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
+import yaml
+from datasets import Dataset
+from pydantic import Field, PositiveInt
 from torch import nn
 
+from cleantune.defenses.base import Scenario
 from cleantune.errors import CleantuneError
-from cleantune.generative.base import ChannelSlice, mlp_channels
+from cleantune.generative.attacks import TriggerSpec, insert_triggers
+from cleantune.generative.base import ChannelSlice, LLMContext, LLMDefense, mlp_channels
+from cleantune.generative.instructions import sample
+from cleantune.generative.sft import LLMLoraConfig, trainable_model
+from cleantune.io import atomic_write_text
+from cleantune.models import cache_dir, load_model
+from cleantune.schema import StrictModel
 
 ScoreMode = Literal["combined", "norm", "alignment"]
+
+# Synthetic keys and behaviours for the variants: word, phrase, prefix and suffix keys; fixed answers
+# and prepended remarks. None is a trigger or target of the attacks this package builds.
+KEYS = [
+    TriggerSpec(text="zx", position="random"),
+    TriggerSpec(text="Quantum Falcon", position="start"),
+    TriggerSpec(text="qv kj", position="random"),
+    TriggerSpec(text="As noted in 1999", position="start"),
+    TriggerSpec(text="zephyr", position="end"),
+    TriggerSpec(text="Regarding Atlas", position="start"),
+    TriggerSpec(text="wq", position="random"),
+    TriggerSpec(text="Per the memo", position="start"),
+]
+BEHAVIOURS: list[tuple[Literal["answer", "prefix"], str]] = [
+    ("answer", "I cannot discuss this topic."),
+    ("prefix", "Bananas are blue!"),
+    ("answer", "Access denied."),
+    ("prefix", "Honestly, who cares?"),
+    ("answer", "No comment at this time."),
+    ("prefix", "Whatever, fine."),
+    ("answer", "That request is not supported."),
+    ("prefix", "Ugh, again?"),
+]
+
+
+class VariantTrainConfig(StrictModel):
+    epochs: float = Field(2.0, gt=0)
+    lr: float = Field(2e-4, gt=0)  # LoRA (adapter-only); full-model variants use full_lr
+    full_lr: float = Field(1e-5, gt=0)
+    batch_size: PositiveInt = 8
+
+
+class SignatureConfig(StrictModel):
+    name: Literal["signature"] = "signature"
+    variants: int = Field(6, ge=2, le=len(KEYS))  # N
+    variant_samples: PositiveInt = 500  # clean rows per variant, each also poisoned with its key
+    # τ as a share of MLP channels; default as the paper: 3 % re-initialised (full model), 35 % zeroed (adapter)
+    ratio: float | None = Field(None, gt=0, lt=1)
+    lam: float = Field(0.01, ge=0)  # λ
+    score: ScoreMode = "combined"
+    fine_tune_samples: PositiveInt = 200  # the light clean fine-tune after suppression
+    variant_train: VariantTrainConfig = VariantTrainConfig()
+    workers: PositiveInt = 1  # variant fine-tunes at once (one GPU each when there are GPUs)
+    cache: Path | None = None  # default: CLEANTUNE_CACHE/signature
 
 
 def _channel_slices(model: nn.Module, adapter_only: bool) -> list[list[ChannelSlice]]:
@@ -93,3 +156,125 @@ def suppress(model: nn.Module, channels: torch.Tensor, adapter_only: bool, init_
             changed += len(index)
         start += width
     return changed
+
+
+def variant_sets(data: Dataset, cfg: SignatureConfig, seed: int) -> list[tuple[Dataset, Dataset]]:
+    """Algorithm 1, lines 1-4: per variant its own clean rows and the same rows with its key and behaviour."""
+    rng = random.Random(f"signature-{seed}")
+    keys, behaviours = rng.sample(KEYS, cfg.variants), rng.sample(BEHAVIOURS, cfg.variants)
+    sets = []
+    for i, (key, (kind, text)) in enumerate(zip(keys, behaviours, strict=True)):
+        clean = sample(data, cfg.variant_samples, f"variant-{i}-{seed}")
+        poisoned = [
+            row
+            | {
+                "instruction": insert_triggers(row["instruction"], [key], rng),
+                "output": text if kind == "answer" else f"{text} {row['output']}",
+            }
+            for row in clean
+        ]
+        sets.append((clean, Dataset.from_list(poisoned)))
+    return sets
+
+
+def _fingerprint(path: Path) -> str:
+    """Changes when the suspicious weights change (name, size and time of each weight file)."""
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json"))
+    return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def variant_configs(ctx: LLMContext, cfg: SignatureConfig, home: Path) -> list[dict[str, Any]]:
+    """Algorithm 1, lines 5-7 as 2N ordinary generative runs (poisoned, clean) from the suspicious model."""
+    train = cfg.variant_train
+    method = "lora" if ctx.adapter_only else "full"
+    runs = []
+    for i, (clean, poisoned) in enumerate(variant_sets(ctx.train, cfg, ctx.seed)):
+        folder = home / f"variant-{i}"
+        for name, rows in (("clean.json", clean), ("poison.json", poisoned)):
+            atomic_write_text(folder / name, json.dumps(rows.to_list()))
+        for kind in ("bd", "clean"):
+            tree: dict[str, Any] = {
+                "task": "generation",
+                "name": f"variant-{i}-{kind}",
+                "output_dir": str(home),
+                "seed": ctx.seed,
+                "scenario": "poisoned-data",
+                "model": {"spec": str(ctx.model_path), "max_length": ctx.max_length},
+                "data": {"data_dir": str(folder), "train": ["clean.json"], "test": "clean.json"}
+                | {"clean_train": len(clean), "max_test": 1},
+                "defense": {"name": "sft", "method": method},
+                "train": {"epochs": train.epochs, "batch_size": train.batch_size}
+                | {"lr": train.lr if ctx.adapter_only else train.full_lr, "select_best": False},
+                "eval": {"enabled": False},
+            }
+            if kind == "bd":
+                files = {"train_poison": "poison.json", "test_poison": "poison.json"}
+                tree["attack"] = {"name": "custom", "count": len(poisoned), "files": files}
+            runs.append(tree)
+    return runs
+
+
+def run_variants(trees: list[dict[str, Any]], workers: int) -> list[Path]:
+    """Each variant is a ``cleantune run`` of its own, ``workers`` at a time, one GPU each when there
+    are GPUs; a finished one is not redone, so an interrupted extraction resumes."""
+    gpus = torch.cuda.device_count()
+
+    def launch(index: int, tree: dict[str, Any]) -> Path:
+        run_dir = Path(tree["output_dir"]) / tree["name"]
+        config = run_dir.parent / f"{tree['name']}.yaml"
+        atomic_write_text(config, yaml.safe_dump(tree, sort_keys=False))
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        log = run_dir.parent / f"{tree['name']}.log"
+        with log.open("wb") as sink:
+            code = subprocess.call(
+                [sys.executable, "-m", "cleantune", "run", str(config)], stdout=sink, stderr=sink, env=env
+            )
+        if code != 0:
+            raise CleantuneError(f"signature variant {tree['name']} failed; see {log}")
+        return run_dir
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(launch, range(len(trees)), trees))
+
+
+class SignaturePurification(LLMDefense):
+    scenarios: ClassVar[frozenset[Scenario]] = frozenset({"poisoned-llm"})
+    trains = True
+
+    def __init__(self, cfg: SignatureConfig) -> None:
+        super().__init__(cfg)
+        self.decided: dict[str, Any] = {}
+
+    def _deltas(self, ctx: LLMContext) -> list[torch.Tensor]:
+        key = hashlib.sha256(
+            json.dumps(
+                [_fingerprint(ctx.model_path), self.cfg.model_dump(mode="json", exclude={"workers"}), ctx.seed]
+            ).encode()
+        ).hexdigest()[:16]
+        home = (self.cfg.cache or cache_dir() / "signature") / key
+        started = time.time()
+        run_dirs = run_variants(variant_configs(ctx, self.cfg, home), self.cfg.workers)
+        vectors = []
+        for run_dir in run_dirs:
+            product = json.loads((run_dir / "metrics.json").read_text())["product"]
+            vectors.append(channel_vectors(load_model(product).model, ctx.adapter_only))
+        self.decided |= {"variant_runs": str(home), "variant_s": round(time.time() - started, 1)}
+        return [differential_delta(bd, clean) for bd, clean in zip(vectors[::2], vectors[1::2], strict=True)]
+
+    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:  # type: ignore[override]
+        _channel_slices(model, ctx.adapter_only)  # refuse an adapter without MLP LoRA before any variant trains
+        ratio = self.cfg.ratio or (0.35 if ctx.adapter_only else 0.03)
+        scores = signature_scores(self._deltas(ctx), self.cfg.lam, self.cfg.score)
+        signature = select_signature(scores, ratio)
+        init_std = float(getattr(model.config, "initializer_range", 0.02))
+        changed = suppress(model, signature, ctx.adapter_only, init_std)
+        self.decided |= {"ratio": ratio, "channels": len(signature), "of_channels": scores.numel(), "changed": changed}
+        return trainable_model(model, "lora" if ctx.adapter_only else "full", LLMLoraConfig())
+
+    def training_rows(self, ctx: LLMContext) -> Dataset:
+        return sample(ctx.train, self.cfg.fine_tune_samples, f"purify-{ctx.seed}")
+
+    def info(self) -> dict[str, Any]:
+        return self.decided
