@@ -114,3 +114,55 @@ def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_pa
     assert info["ratio"] == 0.35 and info["channels"] == round(0.35 * 128) and info["of_channels"] == 128
     assert record["product"].endswith("adapter") and record["metrics"]["asr"] is not None
     assert len(list((tmp_path / "cache").glob("*/variant-*/metrics.json"))) == 4  # 2 pairs, cached
+
+
+def test_sanity_plans_edit_the_poisoned_update_as_table_1(tiny_chat_llama: Path) -> None:
+    from cleantune.generative.sanity import PoisonedUpdate, run_sanity
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.up_proj.weight += i + 1  # layer i's MLP update is the constant i + 1
+            layer.self_attn.q_proj.weight += 10
+    update = PoisonedUpdate(model, base)
+
+    def measure() -> dict:
+        pairs = list(zip(model.model.layers, base.model.layers, strict=True))
+
+        def shift(get) -> list[int]:
+            return [round(float((get(new) - get(old)).detach().mean())) for new, old in pairs]
+
+        return {"mlp": shift(lambda x: x.mlp.up_proj.weight), "attn": shift(lambda x: x.self_attn.q_proj.weight)}
+
+    seen = run_sanity(update, block=1, seed=0, measure=measure)
+    assert seen["poisoned update"] == {"mlp": [1, 2], "attn": [10, 10]}
+    assert seen["without attention update"] == {"mlp": [1, 2], "attn": [0, 0]}
+    assert seen["without MLP update"] == {"mlp": [0, 0], "attn": [10, 10]}
+    assert seen["without MLP update, blocks 1-1"] == {"mlp": [1, 0], "attn": [10, 10]}
+    assert seen["without MLP and attention update, blocks 0-0"] == {"mlp": [0, 2], "attn": [0, 10]}
+    assert sorted(seen["MLP updates shuffled across blocks"]["mlp"]) == [1, 2]
+    assert measure() == seen["poisoned update"]  # the model is left as it came
+
+
+def test_the_sanity_command_writes_table_1_for_an_adapter(tiny_chat_llama: Path, tmp_path: Path) -> None:
+    import json
+
+    from test_generative import _tree
+    from typer.testing import CliRunner
+
+    from cleantune.cli import app
+    from cleantune.config import validate
+    from cleantune.pipeline import run
+
+    tree = _tree(tiny_chat_llama, tmp_path, defense={"name": "sft", "lora": {"r": 4, "targets": "all-linear"}})
+    adapter = run(validate(tree, "test"))["product"]
+    config = tmp_path / "gen.yaml"
+    config.write_text(json.dumps(tree))
+    result = CliRunner().invoke(
+        app, ["analyze", "sanity", adapter, str(config), "--block", "1", "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "s" / "sanity.json").read_text())["results"]
+    assert len(rows) == 3 + 2 * 2 + 1 and all(0 <= r["asr"] <= 100 for r in rows.values())
+    assert "| without MLP update |" in (tmp_path / "s" / "sanity.md").read_text()

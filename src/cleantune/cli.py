@@ -236,6 +236,28 @@ def analyze_spectrum(
         console.print(f"wrote {path}")
 
 
+@analyze_app.command("sanity")
+@friendly
+def analyze_sanity(
+    model: Annotated[str, typer.Argument(help="Backdoored LLM: a PEFT adapter, or a full model with --base.")],
+    config: Annotated[Path, typer.Argument(help="A task: generation config naming the attack and prompts.")],
+    set_: SetOpt = None,
+    base: Annotated[str | None, typer.Option(help="The model a full backdoored model was fine-tuned from.")] = None,
+    block: Annotated[int, typer.Option(min=1, help="How many consecutive blocks the block ablations remove.")] = 4,
+    out: Annotated[Path, typer.Option(help="Where sanity.json and sanity.md go.")] = Path("sanity"),
+) -> None:
+    """Where the backdoor lives (signature purification, Table 1): ASR with parts of the poisoned update removed."""
+    from cleantune.config import RunConfig, load_config
+    from cleantune.generative.sanity import analyze
+
+    cfg = load_config(config, set_)
+    if isinstance(cfg, RunConfig):
+        raise CleantuneError("the sanity checks take a generative config (task: generation)")
+    for name, result in analyze(cfg, model, base, block, out).items():
+        console.print(f"{name}: ASR {result['asr']:.1f} %, false-trigger {result['ftr']:.1f} %")
+    console.print(f"wrote {out / 'sanity.md'}")
+
+
 @analyze_app.command("cost")
 @friendly
 def analyze_cost(

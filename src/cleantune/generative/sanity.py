@@ -1,0 +1,141 @@
+"""Where a backdoor lives: the sanity checks of the signature-purification paper (Table 1).
+
+The poisoned update ΔW is the suspicious weights minus the weights they were fine-tuned from (for an
+adapter: the merged adapter minus its base). Each check rebuilds the model as base + an edited ΔW and
+measures ASR and the false-trigger rate: without the attention update, without the MLP update,
+without the MLP update of k consecutive blocks (alone, and with those blocks' attention update),
+and with the MLP updates shuffled across blocks. Evaluator-side analysis: it uses the trigger.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from cleantune.errors import CleantuneError
+from cleantune.generative.base import decoder_layers
+from cleantune.io import atomic_write_json, atomic_write_text
+from cleantune.models import load_model
+
+Part = Literal["attn", "mlp"]
+Plan = dict[tuple[int, Part], int | None]  # (layer, part) -> whose update it gets, or None (no update)
+
+
+def _parts(layer: nn.Module) -> dict[Part, list[nn.Linear]]:
+    return {
+        "attn": [m for m in layer.self_attn.modules() if isinstance(m, nn.Linear)],
+        "mlp": [m for m in layer.mlp.modules() if isinstance(m, nn.Linear)],
+    }
+
+
+class PoisonedUpdate:
+    """The suspicious model's linear weights as base + ΔW, editable per (layer, part) and restorable."""
+
+    def __init__(self, model: nn.Module, base: nn.Module) -> None:
+        self.model = model
+        self.parts = [_parts(layer) for layer in decoder_layers(model)]
+        base_parts = [_parts(layer) for layer in decoder_layers(base)]
+        self.base = [{p: [m.weight.detach().clone() for m in mods[p]] for p in mods} for mods in base_parts]
+        self.delta = [
+            {p: [m.weight.detach() - b for m, b in zip(mods[p], self.base[i][p], strict=True)] for p in mods}
+            for i, mods in enumerate(self.parts)
+        ]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.parts)
+
+    def identity(self) -> Plan:
+        return {(i, p): i for i in range(self.num_layers) for p in ("attn", "mlp")}
+
+    @torch.no_grad()
+    def apply(self, plan: Plan) -> None:
+        for (layer, part), source in plan.items():
+            for k, module in enumerate(self.parts[layer][part]):
+                update = self.delta[source][part][k] if source is not None else 0.0
+                module.weight.copy_(self.base[layer][part][k] + update)
+
+
+def sanity_plans(layers: int, block: int, seed: int) -> dict[str, Callable[[Plan], Plan]]:
+    """Table 1's rows as edits of the identity plan."""
+
+    def without(part: Part, span: range) -> Callable[[Plan], Plan]:
+        return lambda plan: plan | {(i, part): None for i in span}
+
+    def without_both(span: range) -> Callable[[Plan], Plan]:
+        return lambda plan: without("attn", span)(without("mlp", span)(plan))
+
+    order = list(range(layers))
+    random.Random(seed).shuffle(order)
+    everything = range(layers)
+    rows: dict[str, Callable[[Plan], Plan]] = {
+        "poisoned update": lambda plan: plan,
+        "without attention update": without("attn", everything),
+        "without MLP update": without("mlp", everything),
+    }
+    for start in sorted({0, (layers - block) // 2, layers - block}):
+        span = range(start, start + block)
+        rows[f"without MLP update, blocks {span.start}-{span.stop - 1}"] = without("mlp", span)
+        rows[f"without MLP and attention update, blocks {span.start}-{span.stop - 1}"] = without_both(span)
+    rows["MLP updates shuffled across blocks"] = lambda plan: plan | {(i, "mlp"): order[i] for i in everything}
+    return rows
+
+
+def run_sanity(
+    update: PoisonedUpdate, block: int, seed: int, measure: Callable[[], dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Apply each row's edit, measure, and leave the model as it came."""
+    block = max(1, min(block, update.num_layers))
+    results = {}
+    try:
+        for name, edit in sanity_plans(update.num_layers, block, seed).items():
+            update.apply(edit(update.identity()))
+            results[name] = measure()
+    finally:
+        update.apply(update.identity())
+    return results
+
+
+def analyze(cfg: Any, spec: str, base_spec: str | None, block: int, out: Path) -> dict[str, dict[str, Any]]:
+    """Table 1 for the model or adapter ``spec`` on the prompts and attack of the generative ``cfg``;
+    writes ``sanity.json`` and ``sanity.md`` to ``out``."""
+    from peft import PeftModel
+
+    from cleantune.generative.config import NoDefenseConfig
+    from cleantune.generative.evaluation import llm_metrics
+    from cleantune.generative.pipeline import prepare
+
+    if cfg.attack is None:
+        raise CleantuneError("the sanity checks measure ASR: the config needs an attack")
+    prepared = prepare(cfg.model_copy(update={"scenario": "poisoned-llm", "defense": NoDefenseConfig()}))
+    loaded = load_model(spec, allow_pickle=cfg.model.allow_pickle)
+    if isinstance(loaded.model, PeftModel):
+        base = load_model(loaded.model.peft_config["default"].base_model_name_or_path).model
+        model = loaded.model.merge_and_unload()
+    elif base_spec is None:
+        raise CleantuneError("a full model's poisoned update needs the model it was fine-tuned from: give --base")
+    else:
+        base, model = load_model(base_spec, allow_pickle=cfg.model.allow_pickle).model, loaded.model
+    update = PoisonedUpdate(model, base)
+    del base
+    quick = cfg.eval.model_copy(update={"perplexity": False})
+
+    def measure() -> dict[str, Any]:
+        metrics = llm_metrics(
+            model, loaded.tokenizer, prepared.test, prepared.triggered, prepared.judge, prepared.max_new_tokens,
+            quick, cfg.model.max_length,
+        )  # fmt: skip
+        return {k: metrics[k] for k in ("asr", "ftr")}
+
+    results = run_sanity(update, block, cfg.seed, measure)
+    lines = [f"# Sanity checks (Table 1): {spec}", "", f"{update.num_layers} blocks, spans of {block}.", ""]
+    lines += ["| edit of the poisoned update | ASR % | false-trigger % |", "|---|---:|---:|"]
+    lines += [f"| {name} | {r['asr']:.1f} | {r['ftr']:.1f} |" for name, r in results.items()]
+    atomic_write_json(out / "sanity.json", {"model": spec, "base": base_spec, "block": block, "results": results})
+    atomic_write_text(out / "sanity.md", "\n".join(lines) + "\n")
+    return results
