@@ -59,6 +59,8 @@ class MuScleLoRAConfig(StrictModel):
     lora_targets: list[str] | None = None  # None: PEFT's attention defaults (query/value)
     train_head: bool = False  # the authors keep the freshly initialised head frozen
     clean_aux: PositiveInt = 96
+    # The extra backward pass costs in proportion to this; a smaller clean batch is the cheaper way
+    # to cut it (every step keeps a fresh clean direction).
     aux_batch_size: PositiveInt = 32
     mu_max: float = Field(0.1, ge=0, le=1)
     ga_start_epoch: int = Field(1, ge=0)
@@ -66,7 +68,10 @@ class MuScleLoRAConfig(StrictModel):
     # which is what a run of one or two epochs needs for μ to leave 0 at all.
     mu_schedule: Literal["epoch", "step"] = "epoch"
     aux_loss_gate: NonNegativeFloat = 0.4
-    clean_every: PositiveInt = 1  # recompute the clean gradient every k steps, reuse it in between
+    # Recompute the clean gradient every k steps and reuse it in between. Eq. 7's |g·g_c| keeps every
+    # step on +g_c, so a stale g_c is followed past its minimum while Adam keeps the step size; in
+    # the muscle-lora suite k = 4 left the model at chance level (benchmarks/reports/muscle-lora.md).
+    clean_every: PositiveInt = 1
 
 
 class MultiScaleLinear(nn.Module):
