@@ -69,8 +69,9 @@ class MuScleLoRAConfig(StrictModel):
     mu_schedule: Literal["epoch", "step"] = "epoch"
     aux_loss_gate: NonNegativeFloat = 0.4
     # Recompute the clean gradient every k steps and reuse it in between. Eq. 7's |g·g_c| keeps every
-    # step on +g_c, so a stale g_c is followed past its minimum while Adam keeps the step size; in
-    # the muscle-lora suite k = 4 left the model at chance level (benchmarks/reports/muscle-lora.md).
+    # step on +g_c, so a stale g_c can be followed past its minimum while Adam keeps the step size (our
+    # likely explanation: in
+    # the muscle-lora suite k = 4 left the model at chance level, benchmarks/reports/muscle-lora.md).
     clean_every: PositiveInt = 1
 
 
