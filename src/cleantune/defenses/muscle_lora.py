@@ -68,10 +68,9 @@ class MuScleLoRAConfig(StrictModel):
     # which is what a run of one or two epochs needs for μ to leave 0 at all.
     mu_schedule: Literal["epoch", "step"] = "epoch"
     aux_loss_gate: NonNegativeFloat = 0.4
-    # Recompute the clean gradient every k steps and reuse it in between. Eq. 7's |g·g_c| keeps every
-    # step on +g_c, so a stale g_c can be followed past its minimum while Adam keeps the step size (our
-    # likely explanation: in
-    # the muscle-lora suite k = 4 left the model at chance level, benchmarks/reports/muscle-lora.md).
+    # Recompute the clean gradient every k steps and reuse it in between. In the muscle-lora suite
+    # k = 4 left the model at chance level; our likely explanation: Eq. 7's |g·g_c| keeps every step
+    # on +g_c, so a stale g_c is followed past its minimum while Adam keeps the step size.
     clean_every: PositiveInt = 1
 
 
