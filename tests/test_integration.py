@@ -52,3 +52,28 @@ def test_packaged_smollm2_is_dequantized_once_and_classifies(monkeypatch, tmp_pa
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
     )
     assert prompt.startswith("<|im_start|>system")
+
+
+def test_smollm2_instruct_takes_a_generative_backdoor_and_answers_from_the_chat_prompt(shared_data, tmp_path):
+    """The packaged SmolLM2 on the shared BackdoorLLM pools: injection runs end to end, the prompt is
+    the chat template, every test prompt gets an answer, and the model still answers clean prompts."""
+    tree = {
+        "task": "generation",
+        "name": "smollm2-backdoor",
+        "output_dir": str(tmp_path),
+        "scenario": "poisoned-data",
+        "model": {"spec": SMOLLM2_ID, "max_length": 128},
+        "data": {"data_dir": str(shared_data), "clean_train": 8, "max_test": 4},
+        "attack": {"name": "vpi", "behaviour": "negsentiment", "count": 8},
+        "defense": {"name": "sft", "lora": {"r": 4}},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 5e-4},
+        "eval": {"max_new_tokens": 8, "batch_size": 4},
+    }
+    record = run(validate(tree, "integration"))
+    metrics = record["metrics"]
+    assert record["n_train"] == 16 and record["n_poisoned"] == 8
+    assert metrics["n_test"] == metrics["n_test_poison"] == 4
+    assert 1 < metrics["ppl"] < 100  # an instruction model predicts reference answers well
+    answers = [line for line in (tmp_path / "smollm2-backdoor" / "answers.jsonl").read_text().splitlines() if line]
+    assert len(answers) == 8
+    assert all("Discussing OpenAI" in line for line in answers if '"set": "triggered"' in line)
