@@ -42,27 +42,26 @@ def channel_activity(model: nn.Module, ctx: LLMContext, samples: int) -> list[to
     """Mean |input| of each layer's down projection (one value per MLP channel) over clean prompts."""
     model.eval()
     device = next(model.parameters()).device
-    sums: list[torch.Tensor | None] = [None] * len(decoder_layers(model))
-    count = [0]
+    layers = decoder_layers(model)
+    sums = [torch.zeros(layer.mlp.down_proj.in_features, device=device) for layer in layers]
 
     def hook(index: int) -> Any:
         def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            flat = args[0].detach().abs().flatten(0, -2)
-            sums[index] = flat.sum(0) if sums[index] is None else sums[index] + flat.sum(0)
-            if index == 0:
-                count[0] += flat.shape[0]
+            sums[index] += args[0].detach().abs().flatten(0, -2).sum(0)
 
         return record
 
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(decoder_layers(model))]
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    tokens = 0
     try:
         for row in sample(ctx.train, samples, ctx.seed):
             ids = torch.tensor([prompt_ids(ctx.tokenizer, row["instruction"], row["input"])], device=device)
             model(input_ids=ids)
+            tokens += ids.shape[1]
     finally:
         for handle in handles:
             handle.remove()
-    return [s / max(count[0], 1) for s in sums if s is not None]
+    return [total / max(tokens, 1) for total in sums]
 
 
 class Pruning(LLMDefense):
