@@ -114,6 +114,11 @@ def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_pa
     assert info["ratio"] == 0.35 and info["channels"] == round(0.35 * 128) and info["of_channels"] == 128
     assert record["product"].endswith("adapter") and record["metrics"]["asr"] is not None
     assert len(list((tmp_path / "cache").glob("*/variant-*/metrics.json"))) == 4  # 2 pairs, cached
+    # Another τ, and the signature named explicitly as the same adapter's: the variant runs are reused.
+    tree["name"], tree["defense"] = "purified-again", defense | {"ratio": 0.1, "signature_from": injected["product"]}
+    again = run(validate(tree, "test"))
+    assert again["defense_info"]["channels"] == 13 and again["defense_info"]["variant_s"] < info["variant_s"]
+    assert len(list((tmp_path / "cache").glob("*/variant-*/metrics.json"))) == 4
 
 
 def test_sanity_plans_edit_the_poisoned_update_as_table_1(tiny_chat_llama: Path) -> None:

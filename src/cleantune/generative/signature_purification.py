@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -37,7 +38,7 @@ from cleantune.generative.base import ChannelSlice, LLMContext, LLMDefense, mlp_
 from cleantune.generative.instructions import sample
 from cleantune.generative.sft import LLMLoraConfig, trainable_model
 from cleantune.io import atomic_write_text
-from cleantune.models import cache_dir, load_model
+from cleantune.models import cache_dir, load_model, resolve
 from cleantune.schema import StrictModel
 
 ScoreMode = Literal["combined", "norm", "alignment"]
@@ -85,6 +86,9 @@ class SignatureConfig(StrictModel):
     variant_train: VariantTrainConfig = VariantTrainConfig()
     workers: PositiveInt = 1  # variant fine-tunes at once (one GPU each when there are GPUs)
     cache: Path | None = None  # default: CLEANTUNE_CACHE/signature
+    # Extract the signature from another suspicious model or adapter and apply it to this one
+    # (the paper's cross-attack transfer, Table 11).
+    signature_from: str | None = None
 
 
 def _channel_slices(model: nn.Module, adapter_only: bool) -> list[list[ChannelSlice]]:
@@ -221,6 +225,8 @@ def run_variants(trees: list[dict[str, Any]], workers: int) -> list[Path]:
 
     def launch(index: int, tree: dict[str, Any]) -> Path:
         run_dir = Path(tree["output_dir"]) / tree["name"]
+        if (run_dir / "metrics.json").exists():
+            return run_dir
         config = run_dir.parent / f"{tree['name']}.yaml"
         atomic_write_text(config, yaml.safe_dump(tree, sort_keys=False))
         env = dict(os.environ)
@@ -248,11 +254,18 @@ class SignaturePurification(LLMDefense):
         self.decided: dict[str, Any] = {}
 
     def _deltas(self, ctx: LLMContext) -> list[torch.Tensor]:
-        key = hashlib.sha256(
-            json.dumps(
-                [_fingerprint(ctx.model_path), self.cfg.model_dump(mode="json", exclude={"workers"}), ctx.seed]
-            ).encode()
-        ).hexdigest()[:16]
+        if self.cfg.signature_from:
+            source = resolve(self.cfg.signature_from)
+            if (source / "adapter_config.json").exists() != ctx.adapter_only:
+                raise CleantuneError(
+                    "defense.signature_from must be the same kind (adapter or full model) as model.spec"
+                )
+            ctx = replace(ctx, model_path=source)
+        # Only what the variants depend on: τ, λ and score sweeps reuse the same variant runs.
+        variants = self.cfg.model_dump(mode="json", include={"variants", "variant_samples", "variant_train"})
+        rows = hashlib.sha256(json.dumps(ctx.train.to_list()).encode()).hexdigest()
+        identity = [_fingerprint(ctx.model_path), variants, ctx.seed, ctx.max_length, rows]
+        key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         home = (self.cfg.cache or cache_dir() / "signature") / key
         started = time.time()
         run_dirs = run_variants(variant_configs(ctx, self.cfg, home), self.cfg.workers)
