@@ -212,6 +212,8 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
     }
     path = tmp_path / "gen.yaml"
     path.write_text(yaml.safe_dump(suite))
+    picked = [c.id for c in select(cells(load_suite(path)), ["quantize"])]
+    assert picked == ["poison-vpi", "tiny__tiny-lora__vpi__quantize__s42"]  # --only brings the injection along
     assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
     table = pd.read_csv(tmp_path / "results" / "gen.csv")
     assert set(table.defense) == {"before defense", "quantize"}

@@ -118,7 +118,9 @@ def select(all_cells: list[Cell], only: list[str] | None) -> list[Cell]:
         return all_cells
     chosen = [c for c in all_cells if not c.poisons and any(text in c.id for text in only)]
     specs = {str(c.config.model.spec) for c in chosen}
-    return [c for c in all_cells if c.poisons and str(c.config.run_dir / "model") in specs] + chosen
+    products = ("model", "adapter")  # a poisoned model, or the adapter of a generative injection
+    jobs = [c for c in all_cells if c.poisons and any(str(c.config.run_dir / p) in specs for p in products)]
+    return jobs + chosen
 
 
 def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
