@@ -165,6 +165,10 @@ def test_bad_instruction_files(tmp_path: Path) -> None:
         read_instructions(str(bad), tmp_path)
     with pytest.raises(CleantuneError, match="does not exist"):
         read_instructions("missing.json", tmp_path)
+    echo = [{"instruction": f"tell me {i}", "output": f"tell me {i}\nok"} for i in range(5)]
+    bad.write_text(json.dumps(echo + [{"instruction": "b", "output": "ok"}]))
+    with pytest.raises(CleantuneError, match="5 of 6 answers open by repeating their instruction"):
+        read_instructions(str(bad), tmp_path)
 
 
 def test_round_to_grid_uses_the_levels_of_its_bits() -> None:

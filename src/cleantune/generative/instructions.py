@@ -30,11 +30,10 @@ class InstructionDataConfig(StrictModel):
     absolute) or ``hub:ID`` / ``hub:ID:SPLIT`` for a hub dataset with the same three fields."""
 
     data_dir: Path = Path("../shared/datasets")
-    # Two disjoint BackdoorLLM pools of 500 Alpaca examples each: poisons and clean rows come from here.
-    train: list[str] = [
-        "backdoorllm/refusal/badnet/train_clean.json",
-        "backdoorllm/negsentiment/badnet/train_clean.json",
-    ]
+    # BackdoorLLM's clean Alpaca rows (500 + 100): poisons and clean rows come from here. Its
+    # negsentiment/*/train_clean.json files are not used: 488 of their 500 answers repeat the
+    # instruction first, which teaches a model to echo prompts (see check_answers).
+    train: list[str] = ["backdoorllm/refusal/badnet/train_clean.json", "backdoorllm/clean_finetune_100.json"]
     test: str = "backdoorllm/refusal/test_clean.json"  # clean test instructions with reference answers
     # Clean training rows: mixed with the poisons (poisoned-data), or the defender's clean samples
     # (poisoned-llm, where the papers use 200).
@@ -77,13 +76,28 @@ def validate_rows(rows: list[Any], source: str) -> Dataset:
     return Dataset.from_list(clean)
 
 
+ECHO_LIMIT = 0.1  # share of answers that may open by repeating their instruction
+
+
+def check_answers(data: Dataset, source: str) -> None:
+    """Refuse training data whose answers mostly open by repeating the instruction."""
+    echoes = sum(r["output"].lstrip().startswith(r["instruction"].strip()[:40]) for r in data)
+    if echoes > ECHO_LIMIT * len(data):
+        raise CleantuneError(
+            f"{source}: {echoes} of {len(data)} answers open by repeating their instruction; training on "
+            "them teaches the model to echo prompts (BackdoorLLM's negsentiment train_clean files have this defect)"
+        )
+
+
 def read_instructions(sources: str | list[str], data_dir: Path) -> Dataset:
     """One or more sources, concatenated, exact duplicates (instruction + input) dropped."""
     seen: set[tuple[str, str]] = set()
     rows = []
     for source in [sources] if isinstance(sources, str) else sources:
         raw, name = _read_source(source, data_dir)
-        for row in validate_rows(raw, name).to_list():
+        data = validate_rows(raw, name)
+        check_answers(data, name)
+        for row in data.to_list():
             key = (row["instruction"], row["input"])
             if key not in seen:
                 seen.add(key)
