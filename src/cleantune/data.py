@@ -110,7 +110,8 @@ def read_table(path: Path, text_column: str, label_column: str, labels: list[Lab
     return frame_to_dataset(read_frame(Path(path)), str(path), text_column, label_column, labels)[0]
 
 
-def subsample(data: Dataset, limit: int | None, seed: int) -> Dataset:
+def subsample(data: Dataset, limit: int | None, seed: int | str) -> Dataset:
+    """A seeded subset in source order; a string seed names an independent random stream."""
     if limit is None or limit >= len(data):
         return data
     keep = sorted(random.Random(seed).sample(range(len(data)), limit))

@@ -7,7 +7,6 @@ appends the answer to exactly those ids, and evaluation generates from exactly t
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +102,6 @@ def read_instructions(sources: str | list[str], data_dir: Path) -> Dataset:
                 seen.add(key)
                 rows.append(row)
     return Dataset.from_list(rows)
-
-
-def sample(data: Dataset, count: int | None, seed: int | str) -> Dataset:
-    """A seeded subset in source order; a string seed names an independent random stream."""
-    if count is None or count >= len(data):
-        return data
-    return data.select(sorted(random.Random(seed).sample(range(len(data)), count)))
 
 
 def user_message(instruction: str, input_text: str) -> str:

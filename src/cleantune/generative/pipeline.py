@@ -18,11 +18,12 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers import DataCollatorForSeq2Seq, set_seed
 
+from cleantune.data import subsample
 from cleantune.generative.attacks import from_files, poison_pool, trigger_test
 from cleantune.generative.base import LLMContext, LLMDefense
 from cleantune.generative.config import LLMRunConfig, NoDefense, NoDefenseConfig, build_llm_defense
 from cleantune.generative.evaluation import TOKEN_BUDGET, llm_metrics
-from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_instructions, sample
+from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_instructions
 from cleantune.generative.judges import Judge, resolve_judge
 from cleantune.generative.multiple_choice import read_items
 from cleantune.models import load_model, resolve
@@ -50,15 +51,15 @@ def _empty() -> Dataset:
     return Dataset.from_dict({f: [] for f in FIELDS})
 
 
-def _training_set(cfg: LLMRunConfig, pool: Dataset) -> tuple[Dataset, list[int]]:
+def _training_set(cfg: LLMRunConfig, pool: Dataset, file_poisons: Dataset | None) -> tuple[Dataset, list[int]]:
     attack, seed = cfg.attack, cfg.seed
     if cfg.scenario == "poisoned-llm" or attack is None:
         # Drawn apart from the attacker's choice of rows, which uses the plain seed.
-        return sample(pool, cfg.data.clean_train, f"clean-{seed}"), []
-    if attack.files is None:
+        return subsample(pool, cfg.data.clean_train, f"clean-{seed}"), []
+    if file_poisons is None:
         return poison_pool(pool, cfg.data.clean_train, attack, seed)
-    poisons = sample(from_files(attack, cfg.data.data_dir)[0], attack.count, seed)
-    clean = sample(pool, cfg.data.clean_train, seed)
+    poisons = subsample(file_poisons, attack.count, seed)
+    clean = subsample(pool, cfg.data.clean_train, seed)
     rows = poisons.to_list() + clean.to_list()
     return Dataset.from_list(rows), list(range(len(poisons)))
 
@@ -68,13 +69,14 @@ def prepare(cfg: LLMRunConfig) -> LLMPrepared:
     defense.check_scenario(cfg.scenario)
     model_path = resolve(cfg.model.spec, cfg.model.allow_pickle)
     data_dir, seed = cfg.data.data_dir, cfg.seed
-    test = sample(read_instructions(cfg.data.test, data_dir), cfg.data.max_test, seed)
-    train, poisoned_idx = _training_set(cfg, read_instructions(cfg.data.train, data_dir))
+    test = subsample(read_instructions(cfg.data.test, data_dir), cfg.data.max_test, seed)
     attack = cfg.attack
+    files = from_files(attack, data_dir) if attack and attack.files else None
+    train, poisoned_idx = _training_set(cfg, read_instructions(cfg.data.train, data_dir), files and files[0])
     if attack is None:
         triggered = _empty()
-    elif attack.files is not None:
-        triggered = sample(from_files(attack, data_dir)[1], cfg.data.max_test, seed)
+    elif files is not None:
+        triggered = subsample(files[1], cfg.data.max_test, seed)
     else:
         triggered = trigger_test(test, attack, seed)
     behaviour = attack.behaviour if attack else None

@@ -15,9 +15,10 @@ from pydantic import Field, PositiveInt
 from torch import nn
 from torch.nn.utils import prune
 
+from cleantune.data import subsample
 from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense, decoder_layers, mlp_channels
-from cleantune.generative.instructions import prompt_ids, sample
+from cleantune.generative.instructions import prompt_ids
 from cleantune.generative.sft import LLMLoraConfig, trainable_model
 from cleantune.schema import StrictModel
 
@@ -54,7 +55,7 @@ def channel_activity(model: nn.Module, ctx: LLMContext, samples: int) -> list[to
     handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     tokens = 0
     try:
-        for row in sample(ctx.train, samples, ctx.seed):
+        for row in subsample(ctx.train, samples, ctx.seed):
             ids = torch.tensor([prompt_ids(ctx.tokenizer, row["instruction"], row["input"])], device=device)
             model(input_ids=ids)
             tokens += ids.shape[1]

@@ -31,11 +31,11 @@ from datasets import Dataset
 from pydantic import Field, PositiveInt
 from torch import nn
 
+from cleantune.data import subsample
 from cleantune.defenses.base import Scenario
 from cleantune.errors import CleantuneError
 from cleantune.generative.attacks import TriggerSpec, insert_triggers
 from cleantune.generative.base import ChannelSlice, LLMContext, LLMDefense, mlp_channels
-from cleantune.generative.instructions import sample
 from cleantune.generative.sft import LLMLoraConfig, trainable_model
 from cleantune.io import atomic_write_text
 from cleantune.models import cache_dir, load_model, resolve
@@ -168,7 +168,7 @@ def variant_sets(data: Dataset, cfg: SignatureConfig, seed: int) -> list[tuple[D
     keys, behaviours = rng.sample(KEYS, cfg.variants), rng.sample(BEHAVIOURS, cfg.variants)
     sets = []
     for i, (key, (kind, text)) in enumerate(zip(keys, behaviours, strict=True)):
-        clean = sample(data, cfg.variant_samples, f"variant-{i}-{seed}")
+        clean = subsample(data, cfg.variant_samples, f"variant-{i}-{seed}")
         poisoned = [
             row
             | {
@@ -287,7 +287,7 @@ class SignaturePurification(LLMDefense):
         return trainable_model(model, "lora" if ctx.adapter_only else "full", LLMLoraConfig())
 
     def training_rows(self, ctx: LLMContext) -> Dataset:
-        return sample(ctx.train, self.cfg.fine_tune_samples, f"purify-{ctx.seed}")
+        return subsample(ctx.train, self.cfg.fine_tune_samples, f"purify-{ctx.seed}")
 
     def info(self) -> dict[str, Any]:
         return self.decided
