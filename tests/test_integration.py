@@ -77,3 +77,13 @@ def test_smollm2_instruct_takes_a_generative_backdoor_and_answers_from_the_chat_
     answers = [line for line in (tmp_path / "smollm2-backdoor" / "answers.jsonl").read_text().splitlines() if line]
     assert len(answers) == 8
     assert all("Discussing OpenAI" in line for line in answers if '"set": "triggered"' in line)
+
+
+def test_onion_with_packaged_smollm2_singles_out_an_inserted_rare_word(shared_data):
+    from cleantune.data import read_frame
+    from cleantune.defenses.onion import Onion, OnionConfig
+
+    sentences = [s for s in read_frame(shared_data / "sst2" / "test.tsv")["sentence"] if 8 <= len(s.split()) <= 14][:6]
+    triggered = [" ".join([*s.split()[:4], "cf", *s.split()[4:]]) for s in sentences]
+    scores = Onion(OnionConfig(lm=SMOLLM2_ID, cache=False)).word_suspicion(triggered)
+    assert sum(int(score.argmax() == 4) for score in scores) >= 5

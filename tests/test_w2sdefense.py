@@ -7,7 +7,8 @@ import torch
 from conftest import run_tree
 
 from cleantune.config import validate
-from cleantune.defenses.w2sdefense import W2SDefense, distillation_loss, feature_alignment_loss, pooled
+from cleantune.defenses.base import pooled
+from cleantune.defenses.w2sdefense import W2SDefense, distillation_loss, feature_alignment_loss
 from cleantune.pipeline import run
 
 

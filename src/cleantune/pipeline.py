@@ -6,17 +6,19 @@ checked before the run directory is created, so a bad run leaves nothing behind.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import platform
 import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from transformers import Trainer, set_seed
@@ -27,8 +29,9 @@ from cleantune.attacks.poison import PoisonedData
 from cleantune.config import AnyRunConfig, RunConfig
 from cleantune.data import Splits, load_splits, split_off
 from cleantune.defenses import Defense, DefenseContext, build_defense
+from cleantune.defenses.base import Victim
 from cleantune.errors import CleantuneError
-from cleantune.evaluation import classification_metrics
+from cleantune.evaluation import REJECTED, classification_metrics, predict
 from cleantune.io import atomic_write_json, atomic_write_yaml, read_json, save_atomically
 from cleantune.models import Loaded, load_model, resolve
 from cleantune.training import build_trainer, fit, tokenize
@@ -166,10 +169,73 @@ def close_run(cfg: AnyRunConfig, record: dict[str, Any], started: float, main_pr
     return record
 
 
-def score(trainer: Trainer, prepared: Prepared, encode: Callable[[Dataset], Dataset]) -> dict[str, Any]:
-    target = getattr(prepared.cfg.attack, "target_label", None)
-    test, test_poison = prepared.eval_splits.test, prepared.eval_poisoned.test_poison
-    return classification_metrics(trainer, encode(test), encode(test_poison), target)
+def score(trainer: Trainer, prepared: Prepared, ctx: DefenseContext) -> dict[str, Any]:
+    """CACC/ASR of the trained model; a test-time defense first calibrates on clean dev data, then
+    rewrites or rejects every test input, clean or triggered alike."""
+    cfg, defense = prepared.cfg, prepared.defense
+    victim = Victim(trainer.model, ctx.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
+    defense.calibrate(victim, ctx)
+
+    def predict_fn(data: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
+        screened = defense.screen(victim, list(data["text"]))
+        if screened is None:
+            return predict(trainer, tokenize(data, ctx.tokenizer, cfg.model.max_length)), None
+        rewritten = data.remove_columns("text").add_column("text", screened.texts)
+        predictions = predict(trainer, tokenize(rewritten, ctx.tokenizer, cfg.model.max_length))
+        predictions[screened.rejected] = REJECTED
+        return predictions, screened.rejected
+
+    target = getattr(cfg.attack, "target_label", None)
+    return classification_metrics(predict_fn, prepared.eval_splits.test, prepared.eval_poisoned.test_poison, target)
+
+
+def config_key(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def train_reference(prepared: Prepared, ctx: DefenseContext, out_dir: Path) -> Victim:
+    """The model the defense trains, on the unfiltered data: what a data filter inspects."""
+    cfg = prepared.cfg
+    loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
+    model = prepared.defense.prepare(loaded.model, ctx)
+    trainer = build_trainer(
+        model,
+        loaded.tokenizer,
+        prepared.defense,
+        cfg.train,
+        out_dir,
+        cfg.seed,
+        train=tokenize(ctx.train, loaded.tokenizer, cfg.model.max_length),
+        dev=tokenize(ctx.dev, loaded.tokenizer, cfg.model.max_length),
+    )
+    fit(trainer, out_dir)
+    return Victim(trainer.model, loaded.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
+
+
+def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> tuple[DefenseContext, dict | None]:
+    """The training data a data-filtering defense keeps. Its decision is saved with the run, so an
+    interrupted run does not train the reference model again; detection precision and recall
+    against the attack's record are computed here, on the evaluator's side."""
+    saved, key = run_dir / "train_filter.json", config_key(prepared.cfg)
+    decision = read_json(saved) if saved.exists() else None
+    if decision is None or decision.get("config_key") != key:
+        reference = run_dir / "checkpoints" / "reference"
+        keep = prepared.defense.filter_train(ctx, lambda: train_reference(prepared, ctx, reference))
+        if keep is None:
+            return ctx, None
+        decision = {"config_key": key, "keep": keep.tolist(), "info": prepared.defense.info()}
+        atomic_write_json(saved, decision)
+    keep = np.asarray(decision["keep"], dtype=bool)
+    poisoned = np.isin(np.asarray(prepared.poisoned.train["idx"]), prepared.poisoned.poisoned_idx)
+    caught = int((~keep & poisoned).sum())
+    report = {
+        "removed": int((~keep).sum()),
+        "kept": int(keep.sum()),
+        "precision": caught / max(int((~keep).sum()), 1) * 100,
+        "recall": caught / poisoned.sum() * 100 if poisoned.any() else None,
+        **decision["info"],
+    }
+    return replace(ctx, train=ctx.train.select(np.flatnonzero(keep))), report
 
 
 def evaluate(cfg: AnyRunConfig, spec: str) -> dict[str, Any]:
@@ -189,7 +255,7 @@ def evaluate_loaded(prepared: Prepared, loaded: Loaded) -> dict[str, Any]:
     cfg = prepared.cfg
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(loaded.model, loaded.tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
-        return score(trainer, prepared, lambda data: tokenize(data, loaded.tokenizer, cfg.model.max_length))
+        return score(trainer, prepared, defense_context(prepared, loaded))
 
 
 def run(cfg: AnyRunConfig, force: bool = False) -> dict[str, Any]:
@@ -212,7 +278,8 @@ def execute(prepared: Prepared) -> dict[str, Any]:
 
     set_seed(cfg.seed)
     loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
-    ctx = defense_context(prepared, loaded)
+    ctx, filtering = filter_training(prepared, defense_context(prepared, loaded), run_dir)
+    set_seed(cfg.seed)  # the same initialisation whether or not a reference model was trained first
     model = prepared.defense.prepare(loaded.model, ctx)
     trainable, total = count_parameters(model)
 
@@ -233,7 +300,7 @@ def execute(prepared: Prepared) -> dict[str, Any]:
     )
     train_info = fit(trainer, checkpoints)
     trainer.model = prepared.defense.finalize(trainer.model)
-    metrics = score(trainer, prepared, encode)
+    metrics = score(trainer, prepared, ctx)
     product = save_product(trainer.model, loaded, run_dir) if trainer.is_world_process_zero() else None
     record = {
         "metrics": metrics,
@@ -243,6 +310,7 @@ def execute(prepared: Prepared) -> dict[str, Any]:
         "n_train": len(ctx.train),
         "n_poisoned": len(prepared.poisoned.poisoned_idx),
         "defense_info": prepared.defense.info(),
+        "train_filter": filtering,
         "trainable_params": trainable,
         "total_params": total,
     }

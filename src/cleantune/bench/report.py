@@ -171,6 +171,38 @@ def fourier_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     ]
 
 
+DATA_LEVEL = {
+    "rejected_test": "clean test rejected %",
+    "rejected_test_poison": "triggered test rejected %",
+    "filter_removed": "training samples removed",
+    "filter_precision": "removal precision %",
+    "filter_recall": "removal recall %",
+}
+
+
+def data_level_section(done: pd.DataFrame) -> list[str]:
+    """What the test-time detectors rejected and what the training-set filters removed."""
+    columns = [c for c in DATA_LEVEL if c in done and done[c].notna().any()]
+    if not columns:
+        return []
+    rows = done[done[columns].notna().any(axis=1)]
+    lines = [
+        "## Data-level defenses",
+        "",
+        "Test-time detectors (STRIP, RAP) are scored as OpenBackdoor scores them: a rejected clean input "
+        "counts as wrong for CACC, a rejected triggered input as a failed attack for ASR. ONION rewrites "
+        "inputs and rejects none. The training-set filters (BKI, CUBE) are judged against the attack's "
+        "record of poisoned samples, on the evaluator's side only.",
+        "",
+        "| cell | " + " | ".join(DATA_LEVEL[c] for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for row in rows.itertuples():
+        values = [getattr(row, c) for c in columns]
+        lines.append(f"| {row.cell} | " + " | ".join("" if pd.isna(v) else f"{v:.4g}" for v in values) + " |")
+    return [*lines, ""]
+
+
 def cost_section(suite: SuiteConfig) -> list[str]:
     """Per-step time measured in one process by ``cleantune analyze cost --out <suite>.cost.json``."""
     path = suite.results_dir / f"{suite.suite}.cost.json"
@@ -228,7 +260,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             f"![ASR against {next(m for m in metric_columns(rows) if m != 'asr')}]({image})",
             "",
         ]
-    parts += fourier_section(suite, done) + cost_section(suite)
+    parts += data_level_section(done) + fourier_section(suite, done) + cost_section(suite)
     failed = table[table.status == "failed"]
     if not failed.empty:
         parts += ["## Failed cells", "", "| cell | error |", "|---|---|"]

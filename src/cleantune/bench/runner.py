@@ -52,6 +52,8 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
         best = train.get("best_dev_accuracy")
         row |= {"dev_accuracy": best * 100 if best is not None else None, "peak_mem_mb": peak}
         row["train_s"] = train.get("train_runtime_s")
+        filtering = record.get("train_filter") or {}  # training-set filters (BKI, CUBE): evaluator-side detection
+        row |= {f"filter_{k}": filtering.get(k) for k in ("removed", "precision", "recall") if k in filtering}
         # Defense-specific numbers (a defense's extra metrics) become extra columns.
         row |= {k: v for k, v in metrics.items() if k not in row and not k.startswith("n_")}
     return row

@@ -6,7 +6,10 @@ the trigger, the record of poisoned examples, or the triggered test set. Hooks, 
 trainer calls them: ``prepare`` (module replacement, PEFT wrapping), ``extra_loss`` (added to the
 task loss every step), ``edit_gradients`` (after gradients are accumulated and reduced across
 devices, before the optimizer step), ``finalize`` (post-training transform, before evaluation and
-saving).
+saving). Defenses that act on data rather than on training add two more: ``filter_train`` (drop
+suspicious training samples before training; it may ask for a reference model trained on the
+unfiltered data) and ``calibrate`` / ``screen`` (test-time: fit thresholds on clean dev data, then
+rewrite or reject each test input the trained model receives).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -59,6 +63,69 @@ class StepInfo:
     reduce_mean: Callable[[torch.Tensor], torch.Tensor]  # average a tensor over processes (identity on one)
 
 
+def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor, decoder: bool) -> torch.Tensor:
+    """One vector per example: [CLS] for encoders, the last non-pad token for decoders. Virtual tokens
+    that prompt or p-tuning prepend shift the positions by the length difference."""
+    offset = hidden.shape[1] - attention_mask.shape[1]
+    if not decoder:
+        return hidden[:, offset]
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)  # right or left padding
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), offset + last]
+
+
+def is_decoder_classifier(model: nn.Module) -> bool:
+    return hasattr(model, "score")  # HF decoder classifiers score the last token; encoders have a classifier
+
+
+@dataclass(frozen=True)
+class Victim:
+    """A trained classifier that a data-level defense queries: class probabilities and pooled
+    last-layer representations of raw texts, in batches sorted by length."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    batch_size: int
+
+    def _batches(self, texts: list[str]) -> Any:
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        device = next(self.model.parameters()).device
+        for start in range(0, len(texts), self.batch_size):
+            chosen = order[start : start + self.batch_size]
+            rows = [texts[i] for i in chosen]
+            batch = self.tokenizer(rows, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+            yield chosen, {k: v.to(device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def probs(self, texts: list[str]) -> np.ndarray:
+        self.model.eval()
+        out = np.zeros((len(texts), self.model.config.num_labels), dtype=np.float32)
+        for chosen, batch in self._batches(texts):
+            out[chosen] = torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def features(self, texts: list[str]) -> np.ndarray:
+        self.model.eval()
+        decoder = is_decoder_classifier(self.model)
+        rows: list[tuple[np.ndarray, np.ndarray]] = []
+        for chosen, batch in self._batches(texts):
+            hidden = self.model(**batch, output_hidden_states=True).hidden_states[-1]
+            rows.append((chosen, pooled(hidden, batch["attention_mask"], decoder).float().cpu().numpy()))
+        out = np.zeros((len(texts), rows[0][1].shape[1]), dtype=np.float32)
+        for chosen, values in rows:
+            out[chosen] = values
+        return out
+
+
+@dataclass(frozen=True)
+class Screened:
+    """Test inputs after a test-time defense: rewritten texts, and the inputs it refuses to classify."""
+
+    texts: list[str]
+    rejected: np.ndarray  # bool per input
+
+
 class Defense:
     scenarios: ClassVar[frozenset[Scenario]]
     needs: ClassVar[frozenset[Need]] = frozenset()
@@ -93,6 +160,19 @@ class Defense:
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
+
+    def filter_train(self, ctx: DefenseContext, reference: Callable[[], Victim]) -> np.ndarray | None:
+        """A keep-mask over ``ctx.train``, or None to train on all of it. ``reference()`` trains (once)
+        the model the defense would train without filtering and returns it."""
+        return None
+
+    def calibrate(self, victim: Victim, ctx: DefenseContext) -> None:
+        """Fit test-time thresholds on ``ctx.dev`` (clean) once the model is trained."""
+        return None
+
+    def screen(self, victim: Victim, texts: list[str]) -> Screened | None:
+        """Rewrite or reject test inputs; None: the defense does not act at test time."""
+        return None
 
     def info(self) -> dict[str, Any]:
         """What the defense decided during the run (e.g. scale factors), for the run's record."""

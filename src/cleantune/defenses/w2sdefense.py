@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from cleantune.defenses.base import SIDE, Defense, DefenseContext, SideEncoding
+from cleantune.defenses.base import SIDE, Defense, DefenseContext, SideEncoding, is_decoder_classifier, pooled
 from cleantune.defenses.peft_baselines import (
     LoraFamilyConfig,
     VirtualTokenConfig,
@@ -100,16 +100,6 @@ def feature_alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torc
     return (student - teacher).pow(2).sum(dim=-1).mean()
 
 
-def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor, decoder: bool) -> torch.Tensor:
-    """One vector per example: [CLS] for encoders, the last non-pad token for decoders. Virtual tokens
-    that prompt or p-tuning prepend shift the positions by the length difference."""
-    offset = hidden.shape[1] - attention_mask.shape[1]
-    if not decoder:
-        return hidden[:, offset]
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)  # right or left padding
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), offset + last]
-
-
 def fingerprint(data: Dataset) -> str:
     digest = hashlib.sha256()
     for text, label in zip(data["text"], data["label"], strict=True):
@@ -169,7 +159,7 @@ class W2SDefense(Defense):
 
     def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
         cfg: W2SDefenseConfig = self.cfg
-        self.decoder = hasattr(model, "score")  # HF decoder classifiers score the last token
+        self.decoder = is_decoder_classifier(model)
         self.teacher, tokenizer, self.teacher_record = teacher_for(cfg.teacher, ctx, model.config.hidden_size)
         self.side = SideEncoding(tokenizer, cfg.teacher.max_length)
         student = cfg.student
