@@ -220,3 +220,14 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
     assert table["ftr"].notna().all() and table["ppl"].notna().all() and table["cacc"].isna().all()
     text = write_report(str(path))[0].read_text()
     assert "vpi false-trigger ↓" in text and "| quantize |" in text
+
+    # Another suite's rows on the same poisoned model join the table; its rows on other models do not.
+    other = table[table.defense == "quantize"].assign(suite="base", defense="prune")
+    elsewhere = other.assign(attack="badnet", defense="crow")
+    pd.concat([other, elsewhere]).to_csv(tmp_path / "results" / "base.csv", index=False)
+    path.write_text(yaml.safe_dump(suite | {"compare_with": ["base"]}))
+    text = write_report(str(path))[0].read_text()
+    assert "| prune [base] |" in text and "crow" not in text
+    path.write_text(yaml.safe_dump(suite | {"compare_with": ["missing"]}))
+    with pytest.raises(CleantuneError, match="compares with 'missing'"):
+        write_report(str(path))

@@ -223,6 +223,22 @@ def cost_section(suite: SuiteConfig) -> list[str]:
     return [*lines, ""]
 
 
+def compared_rows(suite: SuiteConfig, done: pd.DataFrame) -> pd.DataFrame:
+    """Finished defense rows of the ``compare_with`` suites on this suite's (dataset, model, scenario,
+    attack) coordinates, their defense names marked with their suite."""
+    keys = [*GROUP, "attack"]
+    frames = []
+    for other in suite.compare_with:
+        csv = suite.results_dir / f"{other}.csv"
+        if not csv.exists():
+            raise CleantuneError(f"suite {suite.suite} compares with '{other}', which has no results ({csv})")
+        theirs = pd.read_csv(csv)
+        theirs = theirs[(theirs.status == "done") & (theirs.defense != BEFORE_DEFENSE)]
+        theirs = theirs.merge(done[keys].drop_duplicates(), on=keys)
+        frames.append(theirs.assign(defense=theirs.defense + f" [{other}]"))
+    return pd.concat([done, *frames], ignore_index=True) if frames else done
+
+
 def write_report(name: str) -> tuple[Path, list[str]]:
     suite = find_suite(name)
     csv = results_path(suite)
@@ -241,7 +257,12 @@ def write_report(name: str) -> tuple[Path, list[str]]:
         "lowest ASR per attack in bold.",
         "",
     ]
-    for keys, rows in done.groupby(GROUP, sort=False):
+    if suite.compare_with:
+        parts += [
+            f"Rows marked [suite] are that suite's rows on the same poisoned models ({', '.join(suite.compare_with)}).",
+            "",
+        ]
+    for keys, rows in compared_rows(suite, done).groupby(GROUP, sort=False):
         # A poisoned model's own row first, then the defenses in suite order.
         defenses = sorted(dict.fromkeys(rows.defense), key=lambda d: d != BEFORE_DEFENSE)
         attacks = list(dict.fromkeys(rows.attack))

@@ -65,6 +65,9 @@ class SuiteConfig(StrictModel):
     matrix: list[dict[str, list[str]]] | None = None
     overrides: list[Rule] = Field(default_factory=list)
     expect: list[Expectation] = Field(default_factory=list)
+    # Suites whose results lie beside this one's and whose rows on the same poisoned models join this
+    # report's tables, so a defense is read against baselines run elsewhere on the same models.
+    compare_with: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
