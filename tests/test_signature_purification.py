@@ -28,7 +28,7 @@ def test_a_planted_consistent_channel_ranks_first() -> None:
         deltas.append(delta)
     for mode in ("combined", "norm", "alignment"):
         assert signature_scores(deltas, lam=0.01, mode=mode).argmax() == 7
-    assert select_signature(signature_scores(deltas), ratio=0.05).tolist() == [7]
+    assert select_signature(signature_scores(deltas), count=1).tolist() == [7]
 
 
 def test_the_alignment_term_ignores_negatively_aligned_variants() -> None:
@@ -71,10 +71,46 @@ def test_full_model_suppression_reinitialises_rows_and_columns(tiny_chat_llama: 
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight[:, 4], before[4, -32:])
 
 
-def test_an_adapter_without_mlp_lora_is_refused(tiny_chat_llama: Path) -> None:
+def test_head_channels_are_q_rows_and_o_columns_of_one_head(tiny_chat_llama: Path) -> None:
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig(targets="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param)
+    attn = model.base_model.model.model.layers[1].self_attn
+    vectors = channel_vectors(model, adapter_only=True, kind="head")
+    assert vectors.shape == (2 * 2, 16 * 8 + 16 * 8)  # 2 layers x 2 heads of size 16; B rows of q, A columns of o
+    assert torch.equal(vectors[3, : 16 * 8], attn.q_proj.lora_B["default"].weight[16:].flatten())
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    assert suppress(model, torch.tensor([3]), adapter_only=True, init_std=0.02, kind="head") == 32
+    assert (attn.q_proj.lora_B["default"].weight[16:] == 0).all()
+    assert (attn.o_proj.lora_A["default"].weight[:, 16:] == 0).all()
+    assert attn.o_proj.lora_A["default"].weight[:, :16].abs().sum() > 0  # the other head stays
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert moved == [n for n in before if "layers.1.self_attn" in n and ("q_proj.lora_B" in n or "o_proj.lora_A" in n)]
+
+
+def test_heads_join_the_signature_when_asked(tiny_chat_llama: Path, tmp_path: Path) -> None:
+    from cleantune.generative.signature_purification import SignatureConfig, SignaturePurification
+
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig(targets="all-linear"))
+    defense = SignaturePurification(SignatureConfig(heads=1, variants=2))
+    planted = torch.zeros(4, 256)
+    planted[2] = 1.0  # layer 1, head 0 moves the same way in both variants
+    deltas = {"mlp": [torch.randn(128, 24), torch.randn(128, 24)], "head": [planted, planted]}
+    defense._deltas = lambda ctx: deltas  # the variant fine-tunes are tested end to end below
+    ctx = type("Ctx", (), {"adapter_only": True})()
+    defense.prepare(model, ctx)
+    assert defense.info()["heads"] == [[1, 0]] and defense.info()["channels"] == round(0.35 * 128)
+    assert (model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight[:16] == 0).all()
+
+
+def test_an_adapter_without_the_lora_the_signature_names_is_refused(tiny_chat_llama: Path) -> None:
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig())  # q/v only
     with pytest.raises(CleantuneError, match="no LoRA on the MLP projections"):
         channel_vectors(model, adapter_only=True)
+    with pytest.raises(CleantuneError, match="no LoRA on q_proj and o_proj"):
+        channel_vectors(model, adapter_only=True, kind="head")  # q without o
 
 
 def test_variants_vary_key_behaviour_and_clean_rows() -> None:

@@ -84,7 +84,7 @@ class Pruning(LLMDefense):
                 dormant = layer_activity.argsort()[: int(self.cfg.sparsity * len(layer_activity))]
                 for piece in slices:
                     mask = torch.ones_like(piece.module.weight)
-                    mask.index_fill_(piece.axis, dormant.to(mask.device), 0.0)
+                    mask.index_fill_(piece.axis, piece.indices(dormant.to(mask.device)), 0.0)
                     prune.custom_from_mask(piece.module, "weight", mask)
                     self.pruned.append(piece.module)
         if not self.trains:

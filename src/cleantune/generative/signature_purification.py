@@ -35,13 +35,23 @@ from cleantune.data import subsample
 from cleantune.defenses.base import Scenario
 from cleantune.errors import CleantuneError
 from cleantune.generative.attacks import TriggerSpec, insert_triggers
-from cleantune.generative.base import ChannelSlice, LLMContext, LLMDefense, mlp_channels
+from cleantune.generative.base import (
+    ChannelSlice,
+    LLMContext,
+    LLMDefense,
+    decoder_layers,
+    head_channels,
+    mlp_channels,
+)
 from cleantune.generative.sft import LLMLoraConfig, trainable_model
 from cleantune.io import atomic_write_text
 from cleantune.models import cache_dir, load_model, resolve
 from cleantune.schema import StrictModel
 
 ScoreMode = Literal["combined", "norm", "alignment"]
+Kind = Literal["mlp", "head"]
+FINDERS = {"mlp": mlp_channels, "head": head_channels}
+WHERE = {"mlp": "the MLP projections, whose channels", "head": "q_proj and o_proj, whose heads"}
 
 # Synthetic keys and behaviours for the variants: word, phrase, prefix and suffix keys; fixed answers
 # and prepended remarks. None is a trigger or target of the attacks this package builds.
@@ -80,6 +90,9 @@ class SignatureConfig(StrictModel):
     variant_samples: PositiveInt = 500  # clean rows per variant, each also poisoned with its key
     # τ as a share of MLP channels; default as the paper: 3 % re-initialised (full model), 35 % zeroed (adapter)
     ratio: float | None = Field(None, gt=0, lt=1)
+    # Attention heads added to the signature by the same score: the paper's Mistral setting (2 heads
+    # full model, 8 adapter-only); 0 keeps it to MLP channels, as for LLaMA-family models.
+    heads: int = Field(0, ge=0)
     lam: float = Field(0.01, ge=0)  # λ
     score: ScoreMode = "combined"
     fine_tune_samples: PositiveInt = 200  # the light clean fine-tune after suppression
@@ -91,20 +104,25 @@ class SignatureConfig(StrictModel):
     signature_from: str | None = None
 
 
-def _channel_slices(model: nn.Module, adapter_only: bool) -> list[list[ChannelSlice]]:
-    layers = list(mlp_channels(model, adapter_only))
-    if any(not slices for slices in layers):
-        raise CleantuneError("the adapter has no LoRA on the MLP projections, whose channels the signature names")
+def _channel_slices(model: nn.Module, adapter_only: bool, kind: Kind) -> list[list[ChannelSlice]]:
+    layers = list(FINDERS[kind](model, adapter_only))
+    if any(len(slices) < (3 if kind == "mlp" else 2) for slices in layers):
+        raise CleantuneError(f"the adapter has no LoRA on {WHERE[kind]} the signature names")
     return layers
 
 
-def channel_vectors(model: nn.Module, adapter_only: bool) -> torch.Tensor:
-    """(layers x channels, features): each MLP channel's weights side by side (its gate and up rows,
-    its down column; in the adapter-only setting the LoRA factors' rows and columns that write them)."""
+def channel_vectors(model: nn.Module, adapter_only: bool, kind: Kind = "mlp") -> torch.Tensor:
+    """(layers x channels, features): each channel's weights side by side. An MLP channel is its gate
+    and up rows and its down column, a head its q_proj rows and o_proj columns; in the adapter-only
+    setting, the LoRA factors' rows and columns that write them."""
     rows = []
-    for slices in _channel_slices(model, adapter_only):
-        parts = [s.module.weight.detach().float() for s in slices]
-        rows.append(torch.cat([p if s.axis == 0 else p.T for p, s in zip(parts, slices, strict=True)], dim=1))
+    for slices in _channel_slices(model, adapter_only, kind):
+        parts = []
+        for piece in slices:
+            weight = piece.module.weight.detach().float()
+            weight = weight if piece.axis == 0 else weight.T
+            parts.append(weight.reshape(weight.shape[0] // piece.span, -1))
+        rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows)
 
 
@@ -131,25 +149,24 @@ def signature_scores(deltas: list[torch.Tensor], lam: float = 0.01, mode: ScoreM
     return strength + lam * alignment
 
 
-def select_signature(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The top ``ratio`` of channels by score (the percentile threshold τ), as flat channel indices."""
-    count = max(1, round(ratio * scores.numel()))
-    return scores.topk(count).indices.sort().values
+def select_signature(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` top-scoring channels (the percentile threshold τ), as flat channel indices."""
+    return scores.topk(min(count, scores.numel())).indices.sort().values
 
 
 @torch.no_grad()
-def suppress(model: nn.Module, channels: torch.Tensor, adapter_only: bool, init_std: float) -> int:
+def suppress(model: nn.Module, channels: torch.Tensor, adapter_only: bool, init_std: float, kind: Kind = "mlp") -> int:
     """Re-initialise (full model, N(0, init_std) as the model's own initialisation) or zero (adapter
     factors) the selected channels; ``channels`` index layers x channels as ``channel_vectors`` does.
     Returns how many weight rows/columns changed."""
     changed = 0
     start = 0
-    for slices in _channel_slices(model, adapter_only):
-        width = slices[0].module.weight.shape[slices[0].axis]
+    for slices in _channel_slices(model, adapter_only, kind):
+        width = slices[0].module.weight.shape[slices[0].axis] // slices[0].span
         local = channels[(channels >= start) & (channels < start + width)] - start
         for piece in slices:
             weight = piece.module.weight
-            index = local.to(weight.device)
+            index = piece.indices(local.to(weight.device))
             if adapter_only:
                 weight.index_fill_(piece.axis, index, 0.0)
             else:
@@ -253,7 +270,10 @@ class SignaturePurification(LLMDefense):
         super().__init__(cfg)
         self.decided: dict[str, Any] = {}
 
-    def _deltas(self, ctx: LLMContext) -> list[torch.Tensor]:
+    def _kinds(self) -> list[Kind]:
+        return ["mlp", "head"] if self.cfg.heads else ["mlp"]
+
+    def _deltas(self, ctx: LLMContext) -> dict[Kind, list[torch.Tensor]]:
         if self.cfg.signature_from:
             source = resolve(self.cfg.signature_from)
             if (source / "adapter_config.json").exists() != ctx.adapter_only:
@@ -261,7 +281,7 @@ class SignaturePurification(LLMDefense):
                     "defense.signature_from must be the same kind (adapter or full model) as model.spec"
                 )
             ctx = replace(ctx, model_path=source)
-        # Only what the variants depend on: τ, λ and score sweeps reuse the same variant runs.
+        # Only what the variants depend on: τ, λ, score and head sweeps reuse the same variant runs.
         variants = self.cfg.model_dump(mode="json", include={"variants", "variant_samples", "variant_train"})
         rows = hashlib.sha256(json.dumps(ctx.train.to_list()).encode()).hexdigest()
         identity = [_fingerprint(ctx.model_path), variants, ctx.seed, ctx.max_length, rows]
@@ -269,21 +289,33 @@ class SignaturePurification(LLMDefense):
         home = (self.cfg.cache or cache_dir() / "signature") / key
         started = time.time()
         run_dirs = run_variants(variant_configs(ctx, self.cfg, home), self.cfg.workers)
-        vectors = []
+        vectors: dict[Kind, list[torch.Tensor]] = {kind: [] for kind in self._kinds()}
         for run_dir in run_dirs:
-            product = json.loads((run_dir / "metrics.json").read_text())["product"]
-            vectors.append(channel_vectors(load_model(product).model, ctx.adapter_only))
+            variant = load_model(json.loads((run_dir / "metrics.json").read_text())["product"]).model
+            for kind, found in vectors.items():
+                found.append(channel_vectors(variant, ctx.adapter_only, kind))
         self.decided |= {"variant_runs": str(home), "variant_s": round(time.time() - started, 1)}
-        return [differential_delta(bd, clean) for bd, clean in zip(vectors[::2], vectors[1::2], strict=True)]
+        return {
+            kind: [differential_delta(bd, clean) for bd, clean in zip(found[::2], found[1::2], strict=True)]
+            for kind, found in vectors.items()
+        }
 
     def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:  # type: ignore[override]
-        _channel_slices(model, ctx.adapter_only)  # refuse an adapter without MLP LoRA before any variant trains
+        for kind in self._kinds():  # refuse an adapter without the LoRA it needs before any variant trains
+            _channel_slices(model, ctx.adapter_only, kind)
         ratio = self.cfg.ratio or (0.35 if ctx.adapter_only else 0.03)
-        scores = signature_scores(self._deltas(ctx), self.cfg.lam, self.cfg.score)
-        signature = select_signature(scores, ratio)
         init_std = float(getattr(model.config, "initializer_range", 0.02))
-        changed = suppress(model, signature, ctx.adapter_only, init_std)
-        self.decided |= {"ratio": ratio, "channels": len(signature), "of_channels": scores.numel(), "changed": changed}
+        for kind, deltas in self._deltas(ctx).items():
+            scores = signature_scores(deltas, self.cfg.lam, self.cfg.score)
+            count = self.cfg.heads if kind == "head" else max(1, round(ratio * scores.numel()))
+            signature = select_signature(scores, count)
+            changed = suppress(model, signature, ctx.adapter_only, init_std, kind)
+            if kind == "mlp":
+                self.decided |= {"ratio": ratio, "channels": len(signature), "of_channels": scores.numel()}
+            else:
+                width = len(scores) // len(decoder_layers(model))
+                self.decided["heads"] = [[int(i) // width, int(i) % width] for i in signature]  # [layer, head]
+            self.decided[f"changed_{kind}"] = changed
         return trainable_model(model, "lora" if ctx.adapter_only else "full", LLMLoraConfig())
 
     def training_rows(self, ctx: LLMContext) -> Dataset:
