@@ -40,12 +40,18 @@ def test_the_alignment_term_ignores_negatively_aligned_variants() -> None:
     assert signature_scores(opposed, lam=0.5).item() == pytest.approx(2.0 + 0.5 * 2 / 6)
 
 
-def test_adapter_suppression_zeroes_exactly_the_selected_channels(tiny_chat_llama: Path) -> None:
+def random_adapter(path: Path) -> torch.nn.Module:
+    """All-linear LoRA with non-zero factors, so every channel has something to suppress."""
     torch.manual_seed(0)
-    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig(targets="all-linear"))
+    model = add_lora(AutoModelForCausalLM.from_pretrained(path), LLMLoraConfig(targets="all-linear"))
     for name, param in model.named_parameters():
         if "lora_" in name:
             torch.nn.init.normal_(param)
+    return model
+
+
+def test_adapter_suppression_zeroes_exactly_the_selected_channels(tiny_chat_llama: Path) -> None:
+    model = random_adapter(tiny_chat_llama)
     before = {n: p.clone() for n, p in model.named_parameters()}
     vectors = channel_vectors(model, adapter_only=True)
     assert vectors.shape == (2 * 64, 8 + 8 + 8)  # 2 layers x 64 channels; gate/up B rows, down A column (r 8)
@@ -72,11 +78,7 @@ def test_full_model_suppression_reinitialises_rows_and_columns(tiny_chat_llama: 
 
 
 def test_head_channels_are_q_rows_and_o_columns_of_one_head(tiny_chat_llama: Path) -> None:
-    torch.manual_seed(0)
-    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig(targets="all-linear"))
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            torch.nn.init.normal_(param)
+    model = random_adapter(tiny_chat_llama)
     attn = model.base_model.model.model.layers[1].self_attn
     vectors = channel_vectors(model, adapter_only=True, kind="head")
     assert vectors.shape == (2 * 2, 16 * 8 + 16 * 8)  # 2 layers x 2 heads of size 16; B rows of q, A columns of o
