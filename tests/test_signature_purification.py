@@ -156,6 +156,7 @@ def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_pa
     tree["name"], tree["defense"] = "purified-again", defense | {"ratio": 0.1, "signature_from": injected["product"]}
     again = run(validate(tree, "test"))
     assert again["defense_info"]["channels"] == 13 and again["defense_info"]["variant_s"] < info["variant_s"]
+    assert again["defense_info"]["variant_cost_s"] == info["variant_cost_s"] > 0  # the cost of the cached runs
     assert len(list((tmp_path / "cache").glob("*/variant-*/metrics.json"))) == 4
 
 

@@ -290,11 +290,20 @@ class SignaturePurification(LLMDefense):
         started = time.time()
         run_dirs = run_variants(variant_configs(ctx, self.cfg, home), self.cfg.workers)
         vectors: dict[Kind, list[torch.Tensor]] = {kind: [] for kind in self._kinds()}
+        cost = 0.0
         for run_dir in run_dirs:
-            variant = load_model(json.loads((run_dir / "metrics.json").read_text())["product"]).model
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            cost += metrics["wall_s"]
+            variant = load_model(metrics["product"]).model
             for kind, found in vectors.items():
                 found.append(channel_vectors(variant, ctx.adapter_only, kind))
-        self.decided |= {"variant_runs": str(home), "variant_s": round(time.time() - started, 1)}
+        # variant_s is this run's wait (near zero when the runs were cached); variant_cost_s is what the
+        # 2N fine-tunes cost when they ran, so the defense's full cost is known either way.
+        self.decided |= {
+            "variant_runs": str(home),
+            "variant_s": round(time.time() - started, 1),
+            "variant_cost_s": round(cost, 1),
+        }
         return {
             kind: [differential_delta(bd, clean) for bd, clean in zip(found[::2], found[1::2], strict=True)]
             for kind, found in vectors.items()
