@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 
 from cleantune.bench.report import write_report
 from cleantune.bench.runner import run_suite, select
-from cleantune.bench.suite import cells, load_suite
+from cleantune.bench.suite import cells, dump, load_suite
 from cleantune.cli import app
 from cleantune.errors import CleantuneError
+
+SUITES = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def places(tmp_path: Path, name: str, data_dir: Path) -> dict[str, str]:
@@ -231,3 +233,13 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
     path.write_text(yaml.safe_dump(suite | {"compare_with": ["missing"]}))
     with pytest.raises(CleantuneError, match="compares with 'missing'"):
         write_report(str(path))
+
+
+@pytest.mark.parametrize("path", sorted(SUITES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_committed_suite_expands_to_valid_runs_and_shares_identical_injections(path: Path) -> None:
+    found = {cell.id: cell for cell in cells(load_suite(path))}
+    assert found
+    for job, poisoned in load_suite(path).poisoned_models.items():
+        if poisoned.shared_with:
+            other = {cell.id: cell for cell in cells(load_suite(SUITES / f"{poisoned.shared_with}.yaml"))}
+            assert dump(found[f"poison-{job}"].config) == dump(other[f"poison-{job}"].config), job
