@@ -237,9 +237,10 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
 
 @pytest.mark.parametrize("path", sorted(SUITES.glob("*.yaml")), ids=lambda p: p.stem)
 def test_committed_suite_expands_to_valid_runs_and_shares_identical_injections(path: Path) -> None:
-    found = {cell.id: cell for cell in cells(load_suite(path))}
+    suite = load_suite(path)
+    found = {cell.id: cell for cell in cells(suite)}
     assert found
-    for job, poisoned in load_suite(path).poisoned_models.items():
+    for job, poisoned in suite.poisoned_models.items():
         if poisoned.shared_with:
             other = {cell.id: cell for cell in cells(load_suite(SUITES / f"{poisoned.shared_with}.yaml"))}
             assert dump(found[f"poison-{job}"].config) == dump(other[f"poison-{job}"].config), job
