@@ -10,8 +10,8 @@ import yaml
 from conftest import kill_cleantune_when
 from typer.testing import CliRunner
 
-from cleantune.bench.report import write_report
-from cleantune.bench.runner import run_suite, select
+from cleantune.bench.report import cost_table, write_report
+from cleantune.bench.runner import row_for, run_suite, select
 from cleantune.bench.suite import cells, dump, load_suite
 from cleantune.cli import app
 from cleantune.errors import CleantuneError
@@ -244,3 +244,20 @@ def test_committed_suite_expands_to_valid_runs_and_shares_identical_injections(p
         if poisoned.shared_with:
             other = {cell.id: cell for cell in cells(load_suite(SUITES / f"{poisoned.shared_with}.yaml"))}
             assert dump(found[f"poison-{job}"].config) == dump(other[f"poison-{job}"].config), job
+
+
+def test_a_cached_teacher_counts_in_the_cost_of_the_run_that_reused_it(tmp_path, data_dir, tiny_bert):
+    suite = load_suite(write_suite(tmp_path, data_dir, tiny_bert))
+    cell = cells(suite)[0]
+    metrics = {"cacc": 90.0, "asr": 10.0}
+    teacher = {"teacher_train_s": 120.0, "teacher_reused": True}
+    reused = {"metrics": metrics, "wall_s": 30.0, "trainable_params": 8, "defense_info": teacher}
+    plain = {"metrics": metrics, "wall_s": 20.0, "trainable_params": 8}
+    rows = pd.DataFrame(
+        [row_for(suite, cell, plain) | {"defense": "lora"}, row_for(suite, cell, reused) | {"defense": "w2sdefense"}]
+    )
+    assert rows["setup_s"].tolist()[1] == 120.0 and pd.isna(rows["setup_s"].tolist()[0])
+    table = cost_table(rows, ["lora", "w2sdefense"])
+    assert "one-off setup (s)" in table
+    assert "| w2sdefense | 30.00 | – | 120.00 |" in table
+    assert "one-off setup" not in cost_table(rows[rows.defense == "lora"], ["lora"])
