@@ -47,9 +47,9 @@ def test_penalty_vanishes_only_off_the_top_subspaces():
 
 def test_penalty_is_added_to_the_loss_scaled_by_lambda(tiny_bert, data_dir):
     defense, model, _ = prepared(tiny_bert, data_dir, penalty=2.0, top_k=4)
-    loss = defense.extra_loss(model, {}, None)
-    assert loss is not None and float(loss.detach()) > 0 and loss.requires_grad
-    assert RoRA(RoRAConfig(tr=False)).extra_loss(model, {}, None) is None
+    loss = defense.extra_loss(model, {}, None)["orthogonality"]
+    assert float(loss.detach()) > 0 and loss.requires_grad
+    assert RoRA(RoRAConfig(tr=False)).extra_loss(model, {}, None) == {}
 
 
 @pytest.mark.parametrize("dropout_on", ["weight", "output"])

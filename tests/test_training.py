@@ -17,6 +17,10 @@ class Recorder(TrainerCallback):
 
     def __init__(self) -> None:
         self.norms: list[float] = []
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         grads = [p.grad for p in kwargs["model"].parameters() if p.grad is not None]
@@ -31,7 +35,7 @@ class Hooks(Defense):
         self.extra, self.blow_up, self.edits = extra, blow_up, 0
 
     def extra_loss(self, model, inputs, outputs):
-        return torch.tensor(self.extra) if self.extra else None
+        return {"extra": torch.tensor(self.extra)} if self.extra else {}
 
     def edit_gradients(self, model, step):
         self.edits += 1
@@ -45,7 +49,7 @@ def train(tiny_bert, data_dir, tmp_path, defense, max_grad_norm=1.0):
     loaded = load_model(str(tiny_bert), num_labels=2)
     splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir, max_train=64), seed=0)
     data = tokenize(splits.train, loaded.tokenizer, 32)
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_grad_norm=max_grad_norm, select_best=False)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-3, max_grad_norm=max_grad_norm, select_best=False, logging_steps=2)
     trainer = build_trainer(loaded.model, loaded.tokenizer, defense, cfg, tmp_path / "ckpt", 0, train=data)
     recorder = Recorder()
     trainer.add_callback(recorder)
@@ -54,8 +58,10 @@ def train(tiny_bert, data_dir, tmp_path, defense, max_grad_norm=1.0):
 
 def test_extra_loss_is_added_to_the_task_loss(tiny_bert, data_dir, tmp_path):
     plain, _ = train(tiny_bert, data_dir, tmp_path / "a", Hooks())
-    extra, _ = train(tiny_bert, data_dir, tmp_path / "b", Hooks(extra=5.0))
+    extra, recorder = train(tiny_bert, data_dir, tmp_path / "b", Hooks(extra=5.0))
     assert extra["train_loss"] == pytest.approx(plain["train_loss"] + 5.0, abs=1e-3)
+    # The term is logged by name beside the loss, once per logging interval of 2 of the 4 steps.
+    assert [log["extra"] for log in recorder.logs if "loss" in log] == [5.0, 5.0]
 
 
 def test_gradients_are_clipped_after_the_defense_edits_them(tiny_bert, data_dir, tmp_path):

@@ -104,6 +104,7 @@ class DefenseTrainer(Trainer):
     def __init__(self, *args: Any, defense: Defense, max_grad_norm: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.defense = defense
+        self._terms: dict[str, list[float]] = {}
         self.add_callback(_EditThenClip(self, defense, max_grad_norm))
 
     def compute_loss(
@@ -115,10 +116,19 @@ class DefenseTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         side = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith(SIDE)]}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        extra = self.defense.extra_loss(model, inputs | side, outputs) if model.training else None
-        if extra is not None:
-            loss = loss + extra
+        terms = self.defense.extra_loss(model, inputs | side, outputs) if model.training else {}
+        for name, term in terms.items():
+            loss = loss + term
+            self._terms.setdefault(name, []).append(float(term.detach()))
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Each term's mean since the last log (this process's batches), so a user sees whether a
+        # regulariser is weighted into irrelevance or drowns the task loss.
+        if "loss" in logs:
+            logs |= {name: round(sum(values) / len(values), 4) for name, values in self._terms.items()}
+            self._terms.clear()
+        super().log(logs, start_time)
 
     def _set_signature_columns_if_needed(self) -> None:
         # The Trainer keeps only columns the model's forward takes; the side encoding must survive

@@ -151,9 +151,10 @@ class Defense:
         """Set after ``prepare`` when ``extra_loss`` needs the batch encoded for a second model too."""
         return None
 
-    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
-        """Added to the task loss of each training batch; ``inputs`` include the side encoding, if any."""
-        return None
+    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
+        """Named terms, already weighted, added to the task loss of each training batch and logged
+        beside it; ``inputs`` include the side encoding, if any."""
+        return {}
 
     def edit_gradients(self, model: nn.Module, step: StepInfo) -> None:
         return None

@@ -130,9 +130,9 @@ class RoRA(Defense):
 
         self.hooks.append(base.register_forward_hook(drop_output))
 
-    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
         if not self.cfg.tr or self.cfg.penalty == 0:
-            return None
+            return {}
         total = None
         for name, layer in self.layers.items():
             A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
@@ -141,7 +141,7 @@ class RoRA(Defense):
             term = orthogonality_penalty(A, B, U_k, V_k)
             total = term if total is None else total + term
         # Eq. 11: L = L_sup + λ Ω(A, B)
-        return None if total is None else self.cfg.penalty * total
+        return {} if total is None else {"orthogonality": self.cfg.penalty * total}
 
     def finalize(self, model: nn.Module) -> nn.Module:
         for layer in self.layers.values():

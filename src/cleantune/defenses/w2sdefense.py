@@ -180,23 +180,23 @@ class W2SDefense(Defense):
     def side_encoding(self) -> SideEncoding | None:
         return self.side
 
-    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
         cfg: W2SDefenseConfig = self.cfg
         side = {k.removeprefix(SIDE): v for k, v in inputs.items() if k.startswith(SIDE)}
         if not side:
-            return None
+            return {}
         self.teacher.to(outputs.logits.device)
         with torch.no_grad():
             teacher_features = self.teacher.features(**side)
             teacher_logits = self.teacher.classifier(teacher_features)
         # Eq. 14: α·CE + β·KD + γ·FA; the Trainer has already added the CE once.
-        total = (cfg.ce_weight - 1) * outputs.loss
+        terms = {"ce_reweight": (cfg.ce_weight - 1) * outputs.loss}
         if cfg.kd:
-            total = total + cfg.kd_weight * distillation_loss(outputs.logits, teacher_logits, cfg.temperature)
+            terms["kd"] = cfg.kd_weight * distillation_loss(outputs.logits, teacher_logits, cfg.temperature)
         if cfg.fa:
             student = pooled(self._hidden, inputs["attention_mask"], self.decoder)
-            total = total + cfg.fa_weight * feature_alignment_loss(student.float(), teacher_features.float())
-        return total
+            terms["fa"] = cfg.fa_weight * feature_alignment_loss(student.float(), teacher_features.float())
+        return terms
 
     def info(self) -> dict[str, Any]:
         record = self.teacher_record

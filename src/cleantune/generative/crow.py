@@ -49,12 +49,12 @@ class CROW(LLMDefense):
         out = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
         return consistency_loss(out.hidden_states, mask)
 
-    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+    def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
         mask = inputs["attention_mask"]
         embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(self._consistency(model, embeds, mask), embeds)
         perturbed = (embeds + self.cfg.epsilon * grad.sign()).detach()
-        return self.cfg.alpha * self._consistency(model, perturbed, mask)
+        return {"consistency": self.cfg.alpha * self._consistency(model, perturbed, mask)}
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
