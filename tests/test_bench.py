@@ -261,3 +261,5 @@ def test_a_cached_teacher_counts_in_the_cost_of_the_run_that_reused_it(tmp_path,
     assert "one-off setup (s)" in table
     assert "| w2sdefense | 30.00 | – | 120.00 |" in table
     assert "one-off setup" not in cost_table(rows[rows.defense == "lora"], ["lora"])
+    renamed = rows.replace({"defense": {"lora": "smollm2-lora"}})
+    assert "| w2sdefense | 30.00 | – | 120.00 | – | 8 | 1.50 |" in cost_table(renamed, ["smollm2-lora", "w2sdefense"])

@@ -77,7 +77,9 @@ def results_table(rows: pd.DataFrame, defenses: list[str], attacks: list[str]) -
 
 
 def cost_table(rows: pd.DataFrame, defenses: list[str]) -> str:
-    lora = rows[rows.defense == "lora"]["wall_s"].mean()
+    # The LoRA row: `lora`, or a per-model key such as `smollm2-lora` where a suite sets its own rate.
+    reference = next((d for d in defenses if d == "lora"), next((d for d in defenses if d.endswith("-lora")), None))
+    lora = rows[rows.defense == reference]["wall_s"].mean()
     setup = "setup_s" in rows and rows["setup_s"].notna().any()
     extra = " one-off setup (s) |" if setup else ""
     lines = [
