@@ -104,7 +104,7 @@ class DefenseTrainer(Trainer):
     def __init__(self, *args: Any, defense: Defense, max_grad_norm: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.defense = defense
-        self._terms: dict[str, list[float]] = {}
+        self._terms: dict[str, list[torch.Tensor]] = {}
         self.add_callback(_EditThenClip(self, defense, max_grad_norm))
 
     def compute_loss(
@@ -119,14 +119,15 @@ class DefenseTrainer(Trainer):
         terms = self.defense.extra_loss(model, inputs | side, outputs) if model.training else {}
         for name, term in terms.items():
             loss = loss + term
-            self._terms.setdefault(name, []).append(float(term.detach()))
+            # Kept on the device: reading each step's value would stall a GPU every step.
+            self._terms.setdefault(name, []).append(term.detach())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Each term's mean since the last log (this process's batches), so a user sees whether a
         # regulariser is weighted into irrelevance or drowns the task loss.
         if "loss" in logs:
-            logs |= {name: round(sum(values) / len(values), 4) for name, values in self._terms.items()}
+            logs |= {name: round(float(torch.stack(values).mean()), 4) for name, values in self._terms.items()}
             self._terms.clear()
         super().log(logs, start_time)
 
