@@ -49,6 +49,11 @@ def test_penalty_is_added_to_the_loss_scaled_by_lambda(tiny_bert, data_dir):
     defense, model, _ = prepared(tiny_bert, data_dir, penalty=2.0, top_k=4)
     loss = defense.extra_loss(model, {}, None)["orthogonality"]
     assert float(loss.detach()) > 0 and loss.requires_grad
+    unscaled = sum(
+        orthogonality_penalty(layer.lora_A["default"].weight, layer.lora_B["default"].weight, *defense.subspaces[name])
+        for name, layer in defense.layers.items()
+    )
+    assert float(loss) == pytest.approx(2.0 * float(unscaled), rel=1e-5)
     assert RoRA(RoRAConfig(tr=False)).extra_loss(model, {}, None) == {}
 
 
