@@ -33,8 +33,10 @@ class Hooks(Defense):
     def __init__(self, extra: float = 0.0, blow_up: bool = False) -> None:
         super().__init__(None)
         self.extra, self.blow_up, self.edits = extra, blow_up, 0
+        self.task_losses: list[float] = []
 
     def extra_loss(self, model, inputs, outputs):
+        self.task_losses.append(float(outputs["loss"]))
         return {"extra": torch.tensor(self.extra)} if self.extra else {}
 
     def edit_gradients(self, model, step):
@@ -57,9 +59,12 @@ def train(tiny_bert, data_dir, tmp_path, defense, max_grad_norm=1.0):
 
 
 def test_extra_loss_is_added_to_the_task_loss(tiny_bert, data_dir, tmp_path):
-    plain, _ = train(tiny_bert, data_dir, tmp_path / "a", Hooks())
-    extra, recorder = train(tiny_bert, data_dir, tmp_path / "b", Hooks(extra=5.0))
-    assert extra["train_loss"] == pytest.approx(plain["train_loss"] + 5.0, abs=1e-3)
+    # Compared within one run: two trainings agree only on a CPU; on a GPU Adam turns rounding noise
+    # in near-zero gradients into full-size steps, and the runs part after one update.
+    defense = Hooks(extra=5.0)
+    extra, recorder = train(tiny_bert, data_dir, tmp_path, defense)
+    assert len(defense.task_losses) == extra["steps"] == 4
+    assert extra["train_loss"] == pytest.approx(sum(defense.task_losses) / 4 + 5.0, abs=1e-4)
     # The term is logged by name beside the loss, once per logging interval of 2 of the 4 steps.
     assert [log["extra"] for log in recorder.logs if "loss" in log] == [5.0, 5.0]
 
