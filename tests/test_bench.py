@@ -263,3 +263,27 @@ def test_a_cached_teacher_counts_in_the_cost_of_the_run_that_reused_it(tmp_path,
     assert "one-off setup" not in cost_table(rows[rows.defense == "lora"], ["lora"])
     renamed = rows.replace({"defense": {"lora": "smollm2-lora"}})
     assert "| w2sdefense | 30.00 | – | 120.00 | – | 8 | 1.50 |" in cost_table(renamed, ["smollm2-lora", "w2sdefense"])
+
+
+def test_a_resumed_run_is_left_out_of_the_costs(tmp_path, data_dir, tiny_bert):
+    suite = load_suite(write_suite(tmp_path, data_dir, tiny_bert))
+    cell = cells(suite)[0]
+
+    def record(wall: float, resumed_from: str | None) -> dict:
+        train = {"train_runtime_s": wall - 1, "resumed_from": resumed_from}
+        return {"metrics": {"cacc": 90.0, "asr": 10.0}, "wall_s": wall, "trainable_params": 8, "train": train}
+
+    rows = pd.DataFrame(
+        [
+            row_for(suite, cell, record(20.0, None)) | {"defense": "lora"},
+            row_for(suite, cell, record(40.0, None)) | {"defense": "rora"},
+            row_for(suite, cell, record(2.0, "checkpoint-63")) | {"defense": "rora"},
+            row_for(suite, cell, record(3.0, "checkpoint-63")) | {"defense": "fft"},
+        ]
+    )
+    assert rows["resumed"].tolist() == [False, False, True, True]
+    table = cost_table(rows, ["lora", "rora", "fft"])
+    assert "| rora | 40.00 | 39.00 | – | 8 | 2.00 |" in table
+    assert "| fft | – | – | – | 8 | – |" in table
+    assert "Left out of these costs: 2 run(s) resumed" in table
+    assert "resumed" not in cost_table(rows.iloc[:2], ["lora", "rora"])

@@ -77,6 +77,9 @@ def results_table(rows: pd.DataFrame, defenses: list[str], attacks: list[str]) -
 
 
 def cost_table(rows: pd.DataFrame, defenses: list[str]) -> str:
+    resumed = rows["resumed"].fillna(False).astype(bool) if "resumed" in rows else pd.Series(False, index=rows.index)
+    params = {d: rows.loc[rows.defense == d, "trainable_params"].iloc[0] for d in defenses}
+    rows = rows[~resumed]
     # The LoRA row: `lora`, or a per-model key such as `smollm2-lora` where a suite sets its own rate.
     reference = next((d for d in defenses if d == "lora"), next((d for d in defenses if d.endswith("-lora")), None))
     lora = rows[rows.defense == reference]["wall_s"].mean()
@@ -90,10 +93,16 @@ def cost_table(rows: pd.DataFrame, defenses: list[str]) -> str:
     columns = ["wall_s", "train_s", *(["setup_s"] if setup else []), "peak_mem_mb"]
     for defense in defenses:
         sub = rows[rows.defense == defense]
-        ratio = f"{sub['wall_s'].mean() / lora:.2f}" if pd.notna(lora) and lora > 0 else "–"
-        params = f"{int(sub['trainable_params'].iloc[0]):,}"
+        wall = sub["wall_s"].mean()
+        ratio = f"{wall / lora:.2f}" if pd.notna(lora) and lora > 0 and pd.notna(wall) else "–"
         times = [cell_text(sub[c]) if c in sub else "–" for c in columns]
-        lines.append(f"| {defense} | {' | '.join(times)} | {params} | {ratio} |")
+        lines.append(f"| {defense} | {' | '.join(times)} | {int(params[defense]):,} | {ratio} |")
+    if resumed.any():
+        lines += [
+            "",
+            f"Left out of these costs: {int(resumed.sum())} run(s) resumed after an interruption, whose "
+            "times and memory cover only the process that finished them.",
+        ]
     if setup:
         lines += [
             "",

@@ -30,7 +30,7 @@ COLUMNS = [
     "suite", "cell", "dataset", "model", "scenario", "attack", "defense", "seed",
     "cacc", "asr", "delta", "dev_accuracy", "wall_s", "train_s", "setup_s", "peak_mem_mb",
     "trainable_params", "total_params", "n_train", "n_poisoned", "n_test", "n_test_poison",
-    "status", "error", "run_dir",
+    "resumed", "status", "error", "run_dir",
 ]  # fmt: skip
 LINE_SPLIT = re.compile(rb"[\r\n]+")
 # One-off work a run relies on, paid once and then reused from a cache: W2SDefense's teacher,
@@ -56,6 +56,8 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
         best = train.get("best_dev_accuracy")
         row |= {"dev_accuracy": best * 100 if best is not None else None, "peak_mem_mb": peak}
         row["train_s"] = train.get("train_runtime_s")
+        # A run resumed after an interruption timed only its last process: the report leaves it out of costs.
+        row["resumed"] = train.get("resumed_from") is not None
         info = record.get("defense_info") or {}
         row["setup_s"] = next((info[k] for k in SETUP_KEYS if k in info), None)
         filtering = record.get("train_filter") or {}  # training-set filters (BKI, CUBE): evaluator-side detection
