@@ -86,8 +86,11 @@ def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path, data_dir,
     assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 3}
     assert len(pd.read_csv(tmp_path / "results" / "tiny.csv")) == 3
     log = [json.loads(line) for line in (tmp_path / "results" / "tiny.runs.jsonl").read_text().splitlines()]
-    assert [(e["done"], e["skipped"]) for e in log] == [(3 - len(finished), len(finished)), (0, 3)]
-    assert "`cleantune bench` invocations" in write_report(str(path))[0].read_text()
+    assert log[0]["wall_s"] is None  # the killed invocation
+    assert [(e["done"], e["skipped"]) for e in log[1:]] == [(3 - len(finished), len(finished)), (0, 3)]
+    report = write_report(str(path))[0].read_text()
+    assert "`cleantune bench` invocations" in report
+    assert report.count("stopped before it finished") == 1
 
 
 def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, tiny_bert):

@@ -158,6 +158,9 @@ def run_times(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     if log.exists():
         lines += ["", "`cleantune bench` invocations (cells run / failed / already finished):", ""]
         for entry in map(json.loads, log.read_text(encoding="utf-8").splitlines()):
+            if entry.get("wall_s") is None:
+                lines.append(f"- {entry['started_utc']}: stopped before it finished (its finished cells are recorded)")
+                continue
             lines.append(
                 f"- {entry['started_utc']}: {entry['wall_s'] / 60:.1f} min on {entry['cpus']} CPUs, "
                 f"{entry['done']} / {entry['failed']} / {entry['skipped']}"

@@ -139,6 +139,7 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
     out = results_path(suite)
     summary = {"done": 0, "failed": 0, "skipped": 0}
     started = time.time()
+    log_run(suite, started, None, only)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
     ) as progress:
@@ -168,15 +169,15 @@ def runs_log_path(suite: SuiteConfig) -> Path:
     return suite.results_dir / f"{suite.suite}.runs.jsonl"
 
 
-def log_run(suite: SuiteConfig, started: float, summary: dict[str, int], only: list[str] | None) -> None:
-    """One line per ``cleantune bench`` invocation, so a report can quote how long the suite took."""
-    entry = {
-        "started_utc": datetime.fromtimestamp(started, tz=UTC).isoformat(timespec="seconds"),
-        "wall_s": round(time.time() - started, 1),
-        "only": only,
-        "cpus": os.cpu_count(),
-        **summary,
-    }
+def log_run(suite: SuiteConfig, started: float, summary: dict[str, int] | None, only: list[str] | None) -> None:
+    """One line per ``cleantune bench`` invocation, so a report can quote how long the suite took.
+
+    Opened (no ``wall_s``) when the invocation starts and completed when it ends: a killed one still shows.
+    """
+    stamp = datetime.fromtimestamp(started, tz=UTC).isoformat(timespec="seconds")
+    opened = {"started_utc": stamp, "only": only, "cpus": os.cpu_count(), "wall_s": None}
+    entry = opened if summary is None else opened | {"wall_s": round(time.time() - started, 1), **summary}
     path = runs_log_path(suite)
-    previous = path.read_text(encoding="utf-8") if path.exists() else ""
-    atomic_write_text(path, previous + json.dumps(entry) + "\n")
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    lines = [line for line in lines if line != json.dumps(opened)]
+    atomic_write_text(path, "\n".join([*lines, json.dumps(entry)]) + "\n")
