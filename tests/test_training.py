@@ -67,6 +67,7 @@ def test_extra_loss_is_added_to_the_task_loss(tiny_bert, data_dir, tmp_path):
     assert extra["train_loss"] == pytest.approx(sum(defense.task_losses) / 4 + 5.0, abs=1e-4)
     # The term is logged by name beside the loss, once per logging interval of 2 of the 4 steps.
     assert [log["extra"] for log in recorder.logs if "loss" in log] == [5.0, 5.0]
+    assert extra["loss_terms"] == {"extra": 5.0}
 
 
 def test_gradients_are_clipped_after_the_defense_edits_them(tiny_bert, data_dir, tmp_path):

@@ -105,6 +105,8 @@ class DefenseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.defense = defense
         self._terms: dict[str, list[torch.Tensor]] = {}
+        self._term_sums: dict[str, torch.Tensor] = {}  # over this process's whole training
+        self._term_steps: dict[str, int] = {}
         self.add_callback(_EditThenClip(self, defense, max_grad_norm))
 
     def compute_loss(
@@ -121,7 +123,13 @@ class DefenseTrainer(Trainer):
             loss = loss + term
             # Kept on the device: reading each step's value would stall a GPU every step.
             self._terms.setdefault(name, []).append(term.detach())
+            self._term_sums[name] = self._term_sums.get(name, 0) + term.detach()
+            self._term_steps[name] = self._term_steps.get(name, 0) + 1
         return (loss, outputs) if return_outputs else loss
+
+    def loss_term_means(self) -> dict[str, float]:
+        """Each loss term's mean over the steps this process trained (already weighted)."""
+        return {name: float(total) / self._term_steps[name] for name, total in self._term_sums.items()}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Each term's mean since the last log (this process's batches), so a user sees whether a
@@ -210,4 +218,5 @@ def fit(trainer: DefenseTrainer, output_dir: Path) -> dict[str, Any]:
         if trainer.state.best_model_checkpoint
         else None,
         "best_dev_accuracy": trainer.state.best_metric,
+        "loss_terms": trainer.loss_term_means(),
     }

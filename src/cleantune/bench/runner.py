@@ -58,6 +58,7 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
         row["train_s"] = train.get("train_runtime_s")
         # A run resumed after an interruption timed only its last process: the report leaves it out of costs.
         row["resumed"] = train.get("resumed_from") is not None
+        row |= {f"loss_{name}": value for name, value in (train.get("loss_terms") or {}).items()}
         info = record.get("defense_info") or {}
         row["setup_s"] = next((info[k] for k in SETUP_KEYS if k in info), None)
         filtering = record.get("train_filter") or {}  # training-set filters (BKI, CUBE): evaluator-side detection
