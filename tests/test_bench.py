@@ -268,7 +268,7 @@ def test_a_cached_teacher_counts_in_the_cost_of_the_run_that_reused_it(tmp_path,
     assert "| w2sdefense | 30.00 | – | 120.00 | – | 8 | 1.50 |" in cost_table(renamed, ["smollm2-lora", "w2sdefense"])
 
 
-def test_a_resumed_run_is_left_out_of_the_costs_and_loss_terms_become_columns(tmp_path, data_dir, tiny_bert):
+def test_a_resumed_run_is_left_out_of_the_costs(tmp_path, data_dir, tiny_bert):
     suite = load_suite(write_suite(tmp_path, data_dir, tiny_bert))
     cell = cells(suite)[0]
 
@@ -290,6 +290,18 @@ def test_a_resumed_run_is_left_out_of_the_costs_and_loss_terms_become_columns(tm
     assert "| fft | – | – | – | 8 | – |" in table
     assert "Left out of these costs: 2 run(s) resumed" in table
     assert "resumed" not in cost_table(rows.iloc[:2], ["lora", "rora"])
-    with_terms = record(20.0, None)
-    with_terms["train"]["loss_terms"] = {"kd": 0.25, "fa": 1.5}
-    assert row_for(suite, cell, with_terms) | {"loss_kd": 0.25, "loss_fa": 1.5} == row_for(suite, cell, with_terms)
+
+
+def test_loss_terms_become_columns_and_a_report_table(tmp_path, data_dir, tiny_bert):
+    path = write_suite(tmp_path, data_dir, tiny_bert)
+    suite = load_suite(path)
+    cell = cells(suite)[0]
+    train = {"train_runtime_s": 9.0, "loss_terms": {"kd": 0.25, "fa": 1.5}}
+    row = row_for(
+        suite, cell, {"metrics": {"cacc": 90.0, "asr": 10.0}, "wall_s": 10.0, "trainable_params": 8, "train": train}
+    )
+    assert (row["loss_kd"], row["loss_fa"]) == (0.25, 1.5)
+    (tmp_path / "results").mkdir()
+    pd.DataFrame([row]).to_csv(tmp_path / "results" / "tiny.csv", index=False)
+    report = write_report(str(path))[0].read_text()
+    assert f"| {cell.id} | 0.25 | 1.5 |" in report.split("## Defense loss terms")[1]

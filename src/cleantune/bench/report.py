@@ -219,13 +219,26 @@ def data_level_section(done: pd.DataFrame) -> list[str]:
         "inputs and rejects none. The training-set filters (BKI, CUBE) are judged against the attack's "
         "record of poisoned samples, on the evaluator's side only.",
         "",
-        "| cell | " + " | ".join(DATA_LEVEL[c] for c in columns) + " |",
-        "|---|" + "---:|" * len(columns),
     ]
+    return [*lines, *per_cell_table(rows, {c: DATA_LEVEL[c] for c in columns}), ""]
+
+
+def loss_terms_section(done: pd.DataFrame) -> list[str]:
+    """Each defense loss term's mean over training, already weighted: which term carried the objective."""
+    columns = [c for c in done if c.startswith("loss_") and done[c].notna().any()]
+    if not columns:
+        return []
+    rows = done[done[columns].notna().any(axis=1)]
+    intro = "Each defense loss term's mean over training, as weighted in the loss (`train.loss_terms` of a run)."
+    return ["## Defense loss terms", "", intro, "", *per_cell_table(rows, {c: c[5:] for c in columns}), ""]
+
+
+def per_cell_table(rows: pd.DataFrame, headers: dict[str, str]) -> list[str]:
+    lines = ["| cell | " + " | ".join(headers.values()) + " |", "|---|" + "---:|" * len(headers)]
     for row in rows.itertuples():
-        values = [getattr(row, c) for c in columns]
+        values = [getattr(row, c) for c in headers]
         lines.append(f"| {row.cell} | " + " | ".join("" if pd.isna(v) else f"{v:.4g}" for v in values) + " |")
-    return [*lines, ""]
+    return lines
 
 
 def cost_section(suite: SuiteConfig) -> list[str]:
@@ -306,7 +319,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             f"![ASR against {next(m for m in metric_columns(rows) if m != 'asr')}]({image})",
             "",
         ]
-    parts += data_level_section(done) + fourier_section(suite, done) + cost_section(suite)
+    parts += data_level_section(done) + loss_terms_section(done) + fourier_section(suite, done) + cost_section(suite)
     failed = table[table.status == "failed"]
     if not failed.empty:
         parts += ["## Failed cells", "", "| cell | error |", "|---|---|"]
