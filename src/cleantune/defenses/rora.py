@@ -20,7 +20,10 @@ OLoRA from PEFT (Table 4):
   plain PEFT adapter.
 
 W_pre is the layer's weight as the defender received it. PiSSA and OLoRA move the principal part of
-W into A and B at initialisation; W_pre is then taken back as W_res + sB₀A₀.
+W into A and B at initialisation; W_pre is then taken back as W_res + sB₀A₀. The penalty acts on A
+and B themselves, as Eqs. 9-11 write it, so on those variants it starts large (B₀ and A₀ span W_pre's
+top singular directions) and pulls the principal part out of the adapter during training; the
+logged ``orthogonality`` term shows how much (the paper does not say how it combined the two).
 """
 
 from __future__ import annotations
