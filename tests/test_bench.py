@@ -93,7 +93,7 @@ def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path, data_dir,
     assert report.count("stopped before it finished") == 1
 
 
-def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, tiny_bert):
+def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, tiny_bert, capsys):
     extra = {
         "defense": {"lora": {"defense": {"name": "lora", "r": 2}}, "broken": {"model": {"spec": "./no/such/model"}}},
         "expect": [{"match": {"defense": "lora"}, "bounds": {"asr": "<= -1"}}],
@@ -101,6 +101,10 @@ def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, t
     }
     path = write_suite(tmp_path, data_dir, tiny_bert, **extra)
     assert run_suite(path) == {"done": 1, "failed": 1, "skipped": 0}
+    # One plain line per cell, also when the output is not a terminal (pytest captures it to a file).
+    printed = capsys.readouterr().out
+    assert "/2] sst2__tiny__badnet__lora__s42: done (cacc " in printed
+    assert "/2] sst2__tiny__badnet__broken__s42: failed: error: model path './no/such/model' does not" in printed
     table = pd.read_csv(tmp_path / "results" / "tiny.csv").set_index("defense")
     assert table.loc["broken", "status"] == "failed"
     assert "model path './no/such/model' does not exist" in table.loc["broken", "error"]

@@ -146,24 +146,34 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
     ) as progress:
         overall = progress.add_task(f"suite {suite.suite}", total=len(todo))
         current = progress.add_task("", total=None)
-        for cell in todo:
+        for index, cell in enumerate(todo, 1):
             existing = cell.config.run_dir / "metrics.json"
             conflict = made_differently(cell)
             if conflict:
-                upsert(out, row_for(suite, cell, None, conflict))
-                summary["failed"] += 1
+                row, outcome = row_for(suite, cell, None, conflict), "failed"
             elif existing.exists():
-                upsert(out, row_for(suite, cell, read_json(existing)))
-                summary["skipped"] += 1
+                row, outcome = row_for(suite, cell, read_json(existing)), "skipped"
             else:
                 progress.update(current, description=f"{cell.id}: starting")
                 record = run_cell(suite, cell, progress, current)
                 log = cell.config.run_dir.parent / f"{cell.id}.log"
-                upsert(out, row_for(suite, cell, record, "" if record else last_error(log)))
-                summary["done" if record else "failed"] += 1
+                row = row_for(suite, cell, record, "" if record else last_error(log))
+                outcome = "done" if record else "failed"
+            upsert(out, row)
+            summary[outcome] += 1
+            # A line per cell: the live bar does not show when the output is a file (nohup, CI).
+            line = f"[{index}/{len(todo)}] {cell.id}: {outcome_text(outcome, row)}"
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
             progress.advance(overall)
     log_run(suite, started, summary, only)
     return summary
+
+
+def outcome_text(outcome: str, row: dict[str, Any]) -> str:
+    if outcome == "failed":
+        return f"failed: {row['error']}"
+    scores = ", ".join(f"{k} {row[k]:.2f}" for k in ("cacc", "asr", "ftr", "ppl") if row.get(k) is not None)
+    return f"{'done' if outcome == 'done' else 'already finished'} ({scores}; {row.get('wall_s') or 0:.0f} s)"
 
 
 def runs_log_path(suite: SuiteConfig) -> Path:
