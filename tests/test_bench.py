@@ -87,6 +87,7 @@ def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path, data_dir,
     assert len(pd.read_csv(tmp_path / "results" / "tiny.csv")) == 3
     log = [json.loads(line) for line in (tmp_path / "results" / "tiny.runs.jsonl").read_text().splitlines()]
     assert log[0]["wall_s"] is None  # the killed invocation
+    assert all(e["cpus"] >= 1 and (e["gpu"] is None) == (e["gpus"] == 0) for e in log)
     assert [(e["done"], e["skipped"]) for e in log[1:]] == [(3 - len(finished), len(finished)), (0, 3)]
     report = write_report(str(path))[0].read_text()
     assert "`cleantune bench` invocations" in report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import resource
 import shutil
@@ -60,6 +61,12 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = "not installed"
     return found
+
+
+def hardware() -> dict[str, Any]:
+    """What ran it, so that times taken on different machines are not compared unawares."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"cpus": os.cpu_count(), "gpus": gpus, "gpu": torch.cuda.get_device_name(0) if gpus else None}
 
 
 def peak_memory_mb() -> dict[str, float | None]:
@@ -161,7 +168,8 @@ def close_run(cfg: AnyRunConfig, record: dict[str, Any], started: float, main_pr
     """Complete ``record`` with what every run records; the main process writes it and drops checkpoints."""
     run_dir = cfg.run_dir
     record = {"status": "done", "name": cfg.name, "seed": cfg.seed, "scenario": cfg.scenario, **record}
-    record |= {"wall_s": round(time.time() - started, 1), **peak_memory_mb(), "versions": versions()}
+    record |= {"wall_s": round(time.time() - started, 1), **peak_memory_mb()}
+    record |= {"versions": versions(), "hardware": hardware()}
     if main_process:
         atomic_write_json(run_dir / "metrics.json", record)
         if not cfg.train.keep_checkpoints:

@@ -161,8 +161,9 @@ def run_times(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
             if entry.get("wall_s") is None:
                 lines.append(f"- {entry['started_utc']}: stopped before it finished (its finished cells are recorded)")
                 continue
+            gpu = f" and {entry['gpus']} × {entry['gpu']}" if entry.get("gpu") else ""
             lines.append(
-                f"- {entry['started_utc']}: {entry['wall_s'] / 60:.1f} min on {entry['cpus']} CPUs, "
+                f"- {entry['started_utc']}: {entry['wall_s'] / 60:.1f} min on {entry['cpus']} CPUs{gpu}, "
                 f"{entry['done']} / {entry['failed']} / {entry['skipped']}"
             )
     return [*lines, ""]

@@ -185,8 +185,10 @@ def log_run(suite: SuiteConfig, started: float, summary: dict[str, int] | None, 
 
     Opened (no ``wall_s``) when the invocation starts and completed when it ends: a killed one still shows.
     """
+    from cleantune.pipeline import hardware
+
     stamp = datetime.fromtimestamp(started, tz=UTC).isoformat(timespec="seconds")
-    opened = {"started_utc": stamp, "only": only, "cpus": os.cpu_count(), "wall_s": None}
+    opened = {"started_utc": stamp, "only": only, **hardware(), "wall_s": None}
     entry = opened if summary is None else opened | {"wall_s": round(time.time() - started, 1), **summary}
     path = runs_log_path(suite)
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
