@@ -53,7 +53,7 @@ def test_penalty_is_added_to_the_loss_scaled_by_lambda(tiny_bert, data_dir):
         orthogonality_penalty(layer.lora_A["default"].weight, layer.lora_B["default"].weight, *defense.subspaces[name])
         for name, layer in defense.layers.items()
     )
-    assert float(loss) == pytest.approx(2.0 * float(unscaled), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(2.0 * float(unscaled.detach()), rel=1e-5)
     assert RoRA(RoRAConfig(tr=False)).extra_loss(model, {}, None) == {}
 
 
