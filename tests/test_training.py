@@ -36,7 +36,7 @@ class Hooks(Defense):
         self.task_losses: list[float] = []
 
     def extra_loss(self, model, inputs, outputs):
-        self.task_losses.append(float(outputs["loss"]))
+        self.task_losses.append(float(outputs["loss"].detach()))
         return {"extra": torch.tensor(self.extra)} if self.extra else {}
 
     def edit_gradients(self, model, step):
