@@ -104,9 +104,9 @@ class DefenseTrainer(Trainer):
     def __init__(self, *args: Any, defense: Defense, max_grad_norm: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.defense = defense
+        # Every step's value of each loss term in this process, and how many of them are already logged.
         self._terms: dict[str, list[torch.Tensor]] = {}
-        self._term_sums: dict[str, torch.Tensor] = {}  # over this process's whole training
-        self._term_steps: dict[str, int] = {}
+        self._logged: dict[str, int] = {}
         self.add_callback(_EditThenClip(self, defense, max_grad_norm))
 
     def compute_loss(
@@ -123,20 +123,21 @@ class DefenseTrainer(Trainer):
             loss = loss + term
             # Kept on the device: reading each step's value would stall a GPU every step.
             self._terms.setdefault(name, []).append(term.detach())
-            self._term_sums[name] = self._term_sums.get(name, 0) + term.detach()
-            self._term_steps[name] = self._term_steps.get(name, 0) + 1
         return (loss, outputs) if return_outputs else loss
 
     def loss_term_means(self) -> dict[str, float]:
         """Each loss term's mean over the steps this process trained (already weighted)."""
-        return {name: float(total) / self._term_steps[name] for name, total in self._term_sums.items()}
+        return {name: float(torch.stack(values).mean()) for name, values in self._terms.items()}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Each term's mean since the last log (this process's batches), so a user sees whether a
         # regulariser is weighted into irrelevance or drowns the task loss.
         if "loss" in logs:
-            logs |= {name: round(float(torch.stack(values).mean()), 4) for name, values in self._terms.items()}
-            self._terms.clear()
+            for name, values in self._terms.items():
+                fresh = values[self._logged.get(name, 0) :]
+                if fresh:
+                    logs[name] = round(float(torch.stack(fresh).mean()), 4)
+                self._logged[name] = len(values)
         super().log(logs, start_time)
 
     def _set_signature_columns_if_needed(self) -> None:
