@@ -97,6 +97,12 @@ def cost_table(rows: pd.DataFrame, defenses: list[str]) -> str:
         ratio = f"{wall / lora:.2f}" if pd.notna(lora) and lora > 0 and pd.notna(wall) else "–"
         times = [cell_text(sub[c]) if c in sub else "–" for c in columns]
         lines.append(f"| {defense} | {' | '.join(times)} | {int(params[defense]):,} | {ratio} |")
+    lines += [
+        "",
+        "Each cell ran in its own process at its own time, so its wall time also reflects whatever else "
+        "the machine was doing then; `time ÷ LoRA` is a rough guide, and the per-step table measured in "
+        "one process (where the suite has one) is the comparison to rely on.",
+    ]
     if resumed.any():
         lines += [
             "",
