@@ -65,6 +65,22 @@ def test_same_seed_same_result(tiny_tree, tmp_path):
     assert first["train"]["train_loss"] == second["train"]["train_loss"]
 
 
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])
+@pytest.mark.parametrize(
+    "defense",
+    [{"name": name, "r": 2} for name in ("dora", "pissa", "olora")]
+    + [{"name": name, "num_virtual_tokens": 4} for name in ("prefix", "prompt", "ptuning")],
+    ids=lambda d: d["name"],
+)
+def test_every_peft_baseline_trains_an_encoder_and_a_decoder(defense, model, data_dir, tmp_path, request):
+    tree = run_tree(data_dir, request.getfixturevalue(model), tmp_path, defense=defense)
+    tree["train"] = {"epochs": 1, "lr": 5e-3, "batch_size": 16}
+    cfg = validate(tree, "test")
+    record = run(cfg)
+    assert 0 < record["trainable_params"] < record["total_params"]
+    assert evaluate(cfg, record["product"])["cacc"] == pytest.approx(record["metrics"]["cacc"])
+
+
 def test_decoder_model_trains_as_a_classifier(data_dir, tiny_llama, tmp_path):
     record = run(validate(run_tree(data_dir, tiny_llama, tmp_path), "test"))
     assert record["metrics"]["n_test"] == 40

@@ -66,7 +66,9 @@ def versions() -> dict[str, str]:
 def hardware() -> dict[str, Any]:
     """What ran it, so that times taken on different machines are not compared unawares."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"cpus": os.cpu_count(), "gpus": gpus, "gpu": torch.cuda.get_device_name(0) if gpus else None}
+    processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    gpu = torch.cuda.get_device_name(0) if gpus else None
+    return {"cpus": os.cpu_count(), "gpus": gpus, "gpu": gpu, "processes": processes}
 
 
 def peak_memory_mb() -> dict[str, float | None]:

@@ -175,6 +175,9 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: b
         report_to=[],
         disable_tqdm=False,  # the Trainer hides its bar when transformers logs only errors, as our CLI sets
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without an accelerator the Trainer ignores a torchrun / accelerate launch unless told to
+        # use the CPU: every process would then train alone on all the data (gloo DDP with it).
+        use_cpu=not torch.accelerator.is_available(),
     )
 
 

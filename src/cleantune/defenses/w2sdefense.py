@@ -147,10 +147,13 @@ def teacher_for(cfg: TeacherConfig, ctx: DefenseContext, student_hidden: int) ->
     )
     info = fit(trainer, partial)
     record = {**key, "train_s": round(time.time() - started, 1), "dev_accuracy": info["best_dev_accuracy"]}
-    with atomic_dir(home) as tmp:
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, tmp / "teacher.safetensors")
-        atomic_write_json(tmp / "teacher.json", record)
-    shutil.rmtree(partial, ignore_errors=True)
+    # Every process of a distributed run holds the same teacher; one writes it, so none replaces
+    # the entry while another is moving its own copy into place.
+    if trainer.is_world_process_zero():
+        with atomic_dir(home) as tmp:
+            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, tmp / "teacher.safetensors")
+            atomic_write_json(tmp / "teacher.json", record)
+        shutil.rmtree(partial, ignore_errors=True)
     return teacher.eval().requires_grad_(False), loaded.tokenizer, record | {"reused": False}
 
 
