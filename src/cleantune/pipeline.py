@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import Trainer, set_seed
 
@@ -66,7 +67,8 @@ def versions() -> dict[str, str]:
 def hardware() -> dict[str, Any]:
     """What ran it, so that times taken on different machines are not compared unawares."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # The processes that trained together (a process group alone does not mean the Trainer used it).
+    processes = PartialState().num_processes
     gpu = torch.cuda.get_device_name(0) if gpus else None
     return {"cpus": os.cpu_count(), "gpus": gpus, "gpu": gpu, "processes": processes}
 
