@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cleantune.bench.runner import results_path, runs_log_path  # noqa: E402
-from cleantune.bench.suite import BEFORE_DEFENSE, SuiteConfig, load_suite, matches  # noqa: E402
+from cleantune.bench.suite import BEFORE_DEFENSE, SuiteConfig, cells, load_suite, matches  # noqa: E402
 from cleantune.errors import CleantuneError  # noqa: E402
 from cleantune.io import atomic_write_text, save_figure  # noqa: E402
 
@@ -302,6 +302,10 @@ def write_report(name: str) -> tuple[Path, list[str]]:
         "lowest ASR per attack in bold.",
         "",
     ]
+    # A suite is only complete when every cell of its matrix has a row; say which have none.
+    unrun = [c.id for c in cells(suite) if not c.poisons and c.id not in set(table.cell)]
+    if unrun:
+        parts += [f"Not run yet ({len(unrun)} of the matrix's cells): {', '.join(unrun)}.", ""]
     if suite.compare_with:
         parts += [
             f"Rows marked [suite] are that suite's rows on the same poisoned models ({', '.join(suite.compare_with)}).",
