@@ -116,3 +116,20 @@ def test_clean_gradient_is_reused_between_recomputations(tiny_tree, monkeypatch)
     tree["train"] = {"epochs": 1, "batch_size": 16, "lr": 1e-3}
     run(validate(tree, "test"))
     assert computed == [0, 3, 6]  # 8 steps, a fresh clean gradient every third
+
+
+@pytest.mark.parametrize("clean_every", [1, 3])
+def test_a_resumed_run_draws_the_clean_batches_an_uninterrupted_run_draws(tiny_bert, data_dir, clean_every):
+    def prepared() -> MuScleLoRA:
+        loaded = load_model(str(tiny_bert), num_labels=2)
+        defense = MuScleLoRA(MuScleLoRAConfig(clean_aux=8, aux_batch_size=4, clean_every=clean_every))
+        defense.prepare(loaded.model, tiny_context(loaded.tokenizer, data_dir))
+        return defense
+
+    uninterrupted = prepared()
+    steps = [s for s in range(8) if s % clean_every == 0]  # the steps that compute a clean gradient
+    stream = [uninterrupted._clean_batch(s)["input_ids"] for s in steps]
+    assert not torch.equal(stream[0], stream[1])
+    # Resumed from a checkpoint at step 7: the batch of the last refresh at or before it.
+    resumed = prepared()._clean_batch(7)["input_ids"]
+    assert torch.equal(resumed, stream[-1])

@@ -176,6 +176,7 @@ class MuScleLoRA(Defense):
             model = self._with_lora(model)
         self._set_head_trainable(model)
         self._clean_batches = self._clean_loader(ctx) if cfg.ga else None
+        self._drawn = 0  # clean batches taken from the stream so far
         self._clean_grads: list[torch.Tensor] | None = None
         self._clean_loss = math.inf
         return model
@@ -224,10 +225,20 @@ class MuScleLoRA(Defense):
         while True:
             yield from loader
 
-    def _clean_gradients(self, model: nn.Module, params: list[nn.Parameter], step: StepInfo) -> list[torch.Tensor]:
+    def _clean_batch(self, global_step: int) -> dict[str, torch.Tensor]:
+        """The clean batch an uninterrupted run draws at this step (the (step // clean_every)-th of the
+        seeded stream): a run resumed from a checkpoint skips what was drawn before it, instead of
+        starting the stream again."""
         assert self._clean_batches is not None
+        while self._drawn < global_step // self.cfg.clean_every:
+            next(self._clean_batches)
+            self._drawn += 1
+        self._drawn += 1
+        return next(self._clean_batches)
+
+    def _clean_gradients(self, model: nn.Module, params: list[nn.Parameter], step: StepInfo) -> list[torch.Tensor]:
         device = params[0].device
-        batch = {k: v.to(device) for k, v in next(self._clean_batches).items()}
+        batch = {k: v.to(device) for k, v in self._clean_batch(step.global_step).items()}
         loss = model(**batch).loss
         # autograd.grad leaves .grad (the poisoned-batch gradient) untouched.
         grads = torch.autograd.grad(loss, params, allow_unused=True)
