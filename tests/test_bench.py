@@ -57,6 +57,21 @@ def test_cells_merge_axes_and_overrides(tmp_path, data_dir, tiny_bert):
     assert found["sst2__tiny__badnet__lora__s1"].config.seed == 1
 
 
+def test_a_matrix_block_can_run_its_cells_over_other_seeds(tmp_path, data_dir, tiny_bert):
+    path = write_suite(
+        tmp_path, data_dir, tiny_bert,
+        matrix=[
+            {"dataset": ["sst2"], "model": ["tiny"], "attack": ["badnet"], "defense": ["lora", "fft"]},
+            {"dataset": ["sst2"], "model": ["tiny"], "attack": ["badnet"], "defense": ["lora"], "seed": [1, 2]},
+        ],
+    )  # fmt: skip
+    found = {c.id: c for c in cells(load_suite(path))}
+    assert set(found) == {f"sst2__tiny__badnet__{d}__s42" for d in ("lora", "fft")} | {
+        f"sst2__tiny__badnet__lora__s{s}" for s in (1, 2)
+    }
+    assert found["sst2__tiny__badnet__lora__s2"].config.seed == 2
+
+
 def test_a_typo_in_any_cell_fails_before_anything_runs(tmp_path, data_dir, tiny_bert):
     path = write_suite(
         tmp_path, data_dir, tiny_bert, overrides=[{"match": {"defense": "fft"}, "set": {"train": {"lr_": 1}}}]
@@ -318,3 +333,19 @@ def test_loss_terms_become_columns_and_a_report_table(tmp_path, data_dir, tiny_b
     pd.DataFrame([row]).to_csv(tmp_path / "results" / "tiny.csv", index=False)
     report = write_report(str(path))[0].read_text()
     assert f"| {cell.id} | 0.25 | 1.5 |" in report.split("## Defense loss terms")[1]
+
+
+def test_report_lays_out_defenses_and_attacks_in_suite_order_whatever_the_csv_order(tmp_path, data_dir, tiny_bert):
+    attacks = {name: {"attack": {"name": "badnet", "rate": 0.2}} for name in ("first", "second")}
+    path = write_suite(tmp_path, data_dir, tiny_bert, attack=attacks)
+    suite = load_suite(path)
+    record = {"metrics": {"cacc": 90.0, "asr": 10.0}, "wall_s": 10.0, "trainable_params": 8, "train": {}}
+    # A rerun cell is upserted at the end of the CSV: here the suite's first attack and first defense.
+    order = sorted(cells(suite), key=lambda c: (c.coords["attack"] == "first", c.coords["defense"] == "lora"))
+    (tmp_path / "results").mkdir()
+    pd.DataFrame([row_for(suite, c, record) for c in order]).to_csv(tmp_path / "results" / "tiny.csv", index=False)
+    table = write_report(str(path))[0].read_text().split("## sst2 · tiny")[1]
+    assert "| Defense | first CACC ↑ | first ASR ↓ | second CACC ↑" in table
+    rows = [line.split(" |")[0] for line in table.splitlines() if line.startswith("| ") and "CACC" not in line]
+    assert rows[:3] == [f"| {name}" for name in suite.defense]
+    assert [c.coords["defense"] for c in order[:3]] != list(suite.defense)  # the CSV order differs

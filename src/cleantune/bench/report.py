@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -48,6 +49,12 @@ GENERATIVE = {"asr": "ASR ↓", "ftr": "false-trigger ↓", "ppl": "perplexity �
 def metric_columns(rows: pd.DataFrame) -> dict[str, str]:
     """The generative scenario reports ASR, false-trigger rate and perplexity instead of CACC and ASR."""
     return GENERATIVE if "ftr" in rows and rows["ftr"].notna().any() else CLASSIFICATION
+
+
+def in_suite_order(values: Iterable[str], declared: list[str]) -> list[str]:
+    """The distinct values, those the suite declares in its order, the others after them as they come."""
+    rank = {name: i for i, name in enumerate(declared)}
+    return sorted(dict.fromkeys(values), key=lambda v: rank.get(v, len(rank)))
 
 
 def results_table(rows: pd.DataFrame, defenses: list[str], attacks: list[str]) -> str:
@@ -312,9 +319,10 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             "",
         ]
     for keys, rows in compared_rows(suite, done).groupby(GROUP, sort=False):
-        # A poisoned model's own row first, then the defenses in suite order.
-        defenses = sorted(dict.fromkeys(rows.defense), key=lambda d: d != BEFORE_DEFENSE)
-        attacks = list(dict.fromkeys(rows.attack))
+        # A poisoned model's own row first, then defenses and attacks in the order the suite declares
+        # them (a rerun cell moves to the end of the CSV); another suite's rows after them.
+        defenses = in_suite_order(rows.defense, [BEFORE_DEFENSE, *suite.defense])
+        attacks = in_suite_order(rows.attack, list(suite.attack))
         title = " · ".join(str(k) for k in keys)
         image = f"{suite.suite}-{'-'.join(str(k) for k in keys)}.png".replace("/", "_")
         scatter(rows, title, suite.reports_dir / image)

@@ -62,7 +62,9 @@ class SuiteConfig(StrictModel):
     attack: dict[str, Fragment]
     defense: dict[str, Fragment]
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
-    matrix: list[dict[str, list[str]]] | None = None
+    # Blocks of axis -> names; a block's optional ``seed`` list replaces ``seeds`` for its cells (e.g.
+    # extra seeds for a few rows, to show their spread, without rerunning the whole suite).
+    matrix: list[dict[str, list[str] | list[int]]] | None = None
     overrides: list[Rule] = Field(default_factory=list)
     expect: list[Expectation] = Field(default_factory=list)
     # Suites whose results lie beside this one's and whose rows on the same poisoned models join this
@@ -134,13 +136,17 @@ def _product(suite: SuiteConfig, job: str) -> str:
     return "adapter" if tree.get("task") == "generation" and lora else "model"
 
 
-def blocks(suite: SuiteConfig) -> list[dict[str, list[str]]]:
+def blocks(suite: SuiteConfig) -> list[dict[str, list[str] | list[int]]]:
     if suite.matrix is None:
         return [{axis: list(getattr(suite, axis)) for axis in AXES}]
     for block in suite.matrix:
         for axis, names in block.items():
+            if axis == "seed":
+                continue
             if axis not in AXES:
-                raise CleantuneError(f"suite {suite.suite}: matrix axis '{axis}' is not one of {', '.join(AXES)}")
+                raise CleantuneError(
+                    f"suite {suite.suite}: matrix axis '{axis}' is not one of {', '.join(AXES)} or seed"
+                )
             unknown = [n for n in names if n not in getattr(suite, axis)]
             if unknown:
                 raise CleantuneError(f"suite {suite.suite}: matrix names unknown {axis} {', '.join(unknown)}")
@@ -162,7 +168,7 @@ def cells(suite: SuiteConfig) -> list[Cell]:
         coords |= {"defense": BEFORE_DEFENSE, "seed": tree.get("seed", 42)}
         out.append(Cell(cell_id, coords, validate(tree, f"{suite.suite}:{cell_id}"), poisons=True))
     for block in blocks(suite):
-        for combo in itertools.product(*(block[axis] for axis in AXES), suite.seeds):
+        for combo in itertools.product(*(block[axis] for axis in AXES), block.get("seed", suite.seeds)):
             *names, seed = combo
             coords = {**dict(zip(AXES, names, strict=True)), "seed": seed}
             cell_id = "__".join(names) + f"__s{seed}"
