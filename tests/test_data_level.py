@@ -225,3 +225,27 @@ def test_training_set_filters_declare_the_poisoned_data_scenario_only(data_dir, 
     tree = run_tree(data_dir, tiny_bert, tmp_path / "runs", defense={"name": "cube"}, scenario="poisoned-weights")
     with pytest.raises(CleantuneError, match="does not handle scenario 'poisoned-weights'"):
         run(validate(tree, "test"))
+
+
+def test_adapters_start_from_the_same_random_state_with_or_without_a_reference_model_and_not_from_the_seed(
+    data_dir, tiny_bert, tmp_path, monkeypatch
+):
+    from cleantune.defenses.peft_baselines import PeftBaseline
+
+    states: list[torch.Tensor] = []
+    original = PeftBaseline.prepare
+
+    def spy(self, model, ctx):
+        states.append(torch.get_rng_state())
+        return original(self, model, ctx)
+
+    monkeypatch.setattr(PeftBaseline, "prepare", spy)
+    lora = {"name": "lora", "r": 2}
+    run(validate(run_tree(data_dir, tiny_bert, tmp_path / "a", defense=lora), "test"))
+    run(validate(run_tree(data_dir, tiny_bert, tmp_path / "b", defense={"name": "bki", "under": lora}), "test"))
+    plain, _, filtered = states  # the middle one: BKI's reference model, on a model loaded afresh
+    assert torch.equal(plain, filtered)
+    # The stream goes on from where loading the model (and initialising its new head) left it:
+    # restarting it from the seed would draw the adapter from the numbers that drew the head.
+    torch.manual_seed(7)
+    assert not torch.equal(plain, torch.get_rng_state())

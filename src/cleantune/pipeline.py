@@ -11,10 +11,13 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -283,6 +286,18 @@ def run(cfg: AnyRunConfig, force: bool = False) -> dict[str, Any]:
     return generative.execute(generative.prepare(cfg))
 
 
+@contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Python's, NumPy's and torch's random states as they were before the block. Seeding again
+    instead would make a defense's new modules repeat the random numbers that initialised the
+    model's fresh classifier head (the head and MuScleLoRA's L came out correlated, r = -0.34)."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy)
+
+
 def execute(prepared: Prepared) -> dict[str, Any]:
     cfg = prepared.cfg
     started = time.time()
@@ -290,8 +305,8 @@ def execute(prepared: Prepared) -> dict[str, Any]:
 
     set_seed(cfg.seed)
     loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
-    ctx, filtering = filter_training(prepared, defense_context(prepared, loaded), run_dir)
-    set_seed(cfg.seed)  # the same initialisation whether or not a reference model was trained first
+    with random_state_kept():  # the same initialisation whether or not a reference model was trained first
+        ctx, filtering = filter_training(prepared, defense_context(prepared, loaded), run_dir)
     model = prepared.defense.prepare(loaded.model, ctx)
     trainable, total = count_parameters(model)
 
