@@ -290,12 +290,14 @@ def run(cfg: AnyRunConfig, force: bool = False) -> dict[str, Any]:
 def random_state_kept() -> Iterator[None]:
     """Python's, NumPy's and torch's random states as they were before the block. Seeding again
     instead would make a defense's new modules repeat the random numbers that initialised the
-    model's fresh classifier head (the head and MuScleLoRA's L came out correlated, r = -0.34)."""
+    model's fresh classifier head, so the two would start correlated."""
     python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        yield
-    random.setstate(python)
-    np.random.set_state(numpy)
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def execute(prepared: Prepared) -> dict[str, Any]:
