@@ -83,3 +83,20 @@ def test_decoder_classifier_pools_the_last_real_token(tiny_llama: Path):
 def test_causal_lm_loads_without_labels(tiny_llama: Path):
     loaded = load_model(str(tiny_llama))
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
+
+
+def test_only_a_fresh_head_draws_random_numbers_when_a_classifier_loads(tiny_llama: Path, tmp_path: Path):
+    """Why rows on a weight-poisoned model (head saved with it) did not move with the seeding fix
+    of fc514ac, and rows whose head is new did."""
+
+    def draws(spec: Path) -> tuple[models.Loaded, bool]:
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        loaded = load_model(str(spec), num_labels=2)
+        return loaded, not torch.equal(before, torch.get_rng_state())
+
+    loaded, fresh_head_draws = draws(tiny_llama)
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    assert fresh_head_draws
+    assert not draws(tmp_path)[1]
