@@ -114,7 +114,9 @@ def test_the_report_names_matrix_cells_that_have_not_run(tmp_path, data_dir, tin
     assert run_suite(path, only=["__lora__"]) == {"done": 1, "failed": 0, "skipped": 0}
     text = write_report(str(path))[0].read_text()
     assert "Cells: 1 done, 0 failed, of 1 recorded." in text
-    assert "Not run yet (2 of the matrix's cells): sst2__tiny__badnet__fft__s42, sst2__tiny__badnet__prompt__s42." in text
+    assert (
+        "Not run yet (2 of the matrix's cells): sst2__tiny__badnet__fft__s42, sst2__tiny__badnet__prompt__s42." in text
+    )
 
 
 def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, tiny_bert, capsys):
