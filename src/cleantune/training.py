@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
+from peft import PeftModel, PeftType
 from pydantic import Field, PositiveInt
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     DataCollatorWithPadding,
@@ -100,6 +102,23 @@ class _EditThenClip(TrainerCallback):
             self.trainer.accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
 
 
+# Beside each checkpoint: the full state of a reparameterised prompt encoder (see _prompt_encoder).
+PROMPT_ENCODER_STATE = "prompt_encoder.safetensors"
+
+
+def _prompt_encoder(model: nn.Module) -> nn.Module | None:
+    """The prompt encoder of a p-tuning or projected prefix-tuning adapter, whose checkpoints PEFT
+    writes as the encoder's output: a model still training would pass that output through the encoder
+    again when the Trainer loads it (the best checkpoint at the end, or the last one on resume)."""
+    if not isinstance(model, PeftModel):
+        return None
+    config = model.peft_config[model.active_adapter]
+    projected = config.peft_type == PeftType.PREFIX_TUNING and config.prefix_projection
+    if config.inference_mode or not (config.peft_type == PeftType.P_TUNING or projected):
+        return None
+    return model.prompt_encoder[model.active_adapter]
+
+
 class DefenseTrainer(Trainer):
     def __init__(self, *args: Any, defense: Defense, max_grad_norm: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -124,6 +143,27 @@ class DefenseTrainer(Trainer):
             # Kept on the device: reading each step's value would stall a GPU every step.
             self._terms.setdefault(name, []).append(term.detach())
         return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        encoder = _prompt_encoder(self.accelerator.unwrap_model(self.model))
+        if encoder is not None and self.args.should_save:
+            state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+            save_file(state, str(Path(output_dir or self.args.output_dir) / PROMPT_ENCODER_STATE))
+
+    def _restore_prompt_encoder(self, checkpoint: str) -> None:
+        encoder = _prompt_encoder(self.accelerator.unwrap_model(self.model))
+        path = Path(checkpoint) / PROMPT_ENCODER_STATE
+        if encoder is not None and path.exists():
+            encoder.load_state_dict(load_file(str(path), device=str(encoder.embedding.weight.device)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._restore_prompt_encoder(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._restore_prompt_encoder(self.state.best_model_checkpoint)
 
     def loss_term_means(self) -> dict[str, float]:
         """Each loss term's mean over the steps this process trained (already weighted)."""
