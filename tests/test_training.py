@@ -103,7 +103,7 @@ def ptuning_trainer(tiny_bert, data_dir, out):
     model = get_peft_model(loaded.model, virtual_token_config(VirtualTokenConfig(name="ptuning"), TaskType.SEQ_CLS))
     splits = load_splits(DataConfig(dataset="sst2", data_dir=data_dir, max_train=32, max_dev=16), seed=0)
     train, dev = (tokenize(d, loaded.tokenizer, 32) for d in (splits.train, splits.dev))
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2, keep_checkpoints=True)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2)
     return build_trainer(model, loaded.tokenizer, Hooks(), cfg, out, 0, train=train, dev=dev)
 
 
