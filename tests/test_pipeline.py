@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from conftest import kill_cleantune_when, record_contexts, run_tree
@@ -14,6 +16,7 @@ from cleantune.config import validate
 from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline
 from cleantune.errors import CleantuneError
 from cleantune.io import read_json
+from cleantune.models import load_model
 from cleantune.pipeline import evaluate, run
 
 
@@ -108,6 +111,17 @@ def test_finished_runs_are_not_redone(tiny_tree):
     assert (cfg.run_dir / "metrics.json").stat().st_mtime_ns == stamp
 
 
+def test_a_changed_config_under_the_same_name_is_refused_then_forced(tiny_tree):
+    first = run(config(tiny_tree))
+    changed = config(tiny_tree, train={**tiny_tree.get("train", {}), "lr": 2e-3, "epochs": 1})
+    with pytest.raises(CleantuneError, match=r"different config \(train.epochs, train.lr changed\)"):
+        run(changed)
+    assert read_json(changed.run_dir / "metrics.json") == first  # refused: nothing touched
+    again = run(changed, force=True)
+    assert 2 * again["train"]["steps"] == first["train"]["steps"]
+    assert yaml.safe_load((changed.run_dir / "config.yaml").read_text())["train"]["lr"] == 2e-3
+
+
 def test_a_defense_cannot_reach_the_trigger(tiny_tree, monkeypatch):
     seen = record_contexts(monkeypatch, LoraFamilyConfig)
     tree = {**tiny_tree, "attack": {"name": "badnet", "triggers": ["cf"], "rate": 0.2, "target_label": 1}}
@@ -143,3 +157,24 @@ def test_a_run_killed_mid_training_resumes_and_finishes(tiny_tree, tmp_path):
     record = run(cfg)
     assert record["train"]["resumed_from"].startswith("checkpoint-")
     assert record["train"]["steps"] == 8 * 120 // 8
+
+
+@pytest.mark.parametrize("defense", [{"name": "lora", "r": 2}, {"name": "rora", "r": 2, "rescale_layers": 1}])
+def test_a_purified_adapter_loads_with_plain_peft_onto_the_same_base(tiny_tree, tiny_bert, defense):
+    suspicious = run(config(tiny_tree, name="suspicious"))["product"]
+    tree = {**tiny_tree, "name": "purified", "scenario": "poisoned-weights", "defense": defense}
+    cfg = config(tree, model={"spec": suspicious, "max_length": 32})
+    record = run(cfg)
+    product = cfg.run_dir / "adapter"
+    saved = json.loads((product / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_bert)
+    keys = safetensors.torch.load_file(product / "adapter_model.safetensors")
+    assert keys and not any(k.count("base_model.model") > 1 for k in keys)  # not an adapter on an adapter
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = PeftModel.from_pretrained(base, product).eval()
+    tok = AutoTokenizer.from_pretrained(product)
+    texts = ["good great movie", "the plot was dull and cold"]
+    logits = model(**tok(texts, return_tensors="pt", padding=True)).logits.argmax(-1)
+    loaded = load_model(str(product), num_labels=2)
+    assert torch.equal(loaded.model.eval()(**tok(texts, return_tensors="pt", padding=True)).logits.argmax(-1), logits)
+    assert evaluate(cfg, str(product))["cacc"] == pytest.approx(record["metrics"]["cacc"])

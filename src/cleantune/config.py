@@ -93,6 +93,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two dumped configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def made_differently(cfg: AnyRunConfig) -> list[str]:
+    """The keys in which the config that made ``cfg.run_dir`` differs from ``cfg`` (none: reusable)."""
+    path = cfg.run_dir / "config.yaml"
+    if not path.exists():
+        return []
+    try:
+        old = validate(read_yaml(path), str(path)).model_dump(mode="json")
+    except CleantuneError:
+        return ["(the saved config.yaml no longer validates)"]
+    return changed_keys(old, cfg.model_dump(mode="json"))
+
+
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> AnyRunConfig:
     path = path or DEFAULT_CONFIG
     tree = read_yaml(path)

@@ -145,6 +145,10 @@ class Loaded:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     path: Path
+    # What a product made from this model names as its base: the hub id as given, an absolute path,
+    # or for an adapter the base its own config names.
+    base_id: str = ""
+    from_adapter: bool = False  # an adapter's weights merged into its base (see merged_adapter)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -163,7 +167,22 @@ def _load_adapter(path: Path, num_labels: int | None, allow_pickle: bool) -> Loa
     base_spec = PeftConfig.from_pretrained(path).base_model_name_or_path
     base = load_model(base_spec, num_labels=num_labels, allow_pickle=allow_pickle)
     model = PeftModel.from_pretrained(base.model, path, use_safetensors=not allow_pickle)
-    return Loaded(model, base.tokenizer, path)
+    return Loaded(model, base.tokenizer, path, base.base_id)
+
+
+def base_id(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def merged_adapter(loaded: Loaded) -> Loaded:
+    """A suspicious adapter as the weights it stands for (base + update), for defenses that work on
+    a model; its product goes back to an adapter on the same base (cleantune.product)."""
+    from peft import PeftModel
+
+    if not isinstance(loaded.model, PeftModel):
+        return loaded
+    return Loaded(loaded.model.merge_and_unload(), loaded.tokenizer, loaded.path, loaded.base_id, from_adapter=True)
 
 
 def load_model(spec: str | Path, num_labels: int | None = None, allow_pickle: bool = False) -> Loaded:
@@ -181,7 +200,7 @@ def load_model(spec: str | Path, num_labels: int | None = None, allow_pickle: bo
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(model, tokenizer, path)
+    return Loaded(model, tokenizer, path, base_id(str(spec)))
 
 
 def offline_models() -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import random
@@ -26,21 +27,23 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import Trainer, set_seed
+from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from cleantune.analysis.fourier import FourierCallback, make_probe
 from cleantune.attacks import attack_data
 from cleantune.attacks.poison import PoisonedData
-from cleantune.config import AnyRunConfig, RunConfig
+from cleantune.config import AnyRunConfig, RunConfig, made_differently
 from cleantune.data import Splits, load_splits, split_off
 from cleantune.defenses import Defense, DefenseContext, build_defense
 from cleantune.defenses.base import Victim
 from cleantune.errors import CleantuneError
 from cleantune.evaluation import REJECTED, classification_metrics, predict
 from cleantune.io import atomic_write_json, atomic_write_yaml, read_json, save_atomically
-from cleantune.models import Loaded, load_model, resolve
+from cleantune.models import Loaded, load_model, merged_adapter, resolve
+from cleantune.product import as_delivered, save_product
 from cleantune.training import build_trainer, fit, tokenize
 
+log = logging.getLogger("cleantune")
 PACKAGES = ("cleantune", "torch", "transformers", "peft", "accelerate", "datasets")
 
 
@@ -142,19 +145,6 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_product(model: torch.nn.Module, loaded: Loaded, run_dir: Path) -> Path:
-    """A PEFT adapter (loads with ``PeftModel.from_pretrained``) or a full safetensors model."""
-    from peft import PeftModel
-
-    target = run_dir / ("adapter" if isinstance(model, PeftModel) else "model")
-
-    def save(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-
-    return save_atomically(target, save)
-
-
 def finished(run_dir: Path) -> dict[str, Any] | None:
     metrics = run_dir / "metrics.json"
     return read_json(metrics) if metrics.exists() else None
@@ -208,11 +198,20 @@ def config_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
+def load_start(prepared: Prepared) -> Loaded:
+    """The model the defense starts from (a suspicious adapter merged into its base), its head
+    named after the task's labels so the product describes itself."""
+    cfg, labels = prepared.cfg, prepared.splits.label_names
+    loaded = merged_adapter(load_model(prepared.model_path, num_labels=len(labels), allow_pickle=cfg.model.allow_pickle))
+    loaded.model.config.id2label = dict(enumerate(labels))
+    loaded.model.config.label2id = {name: i for i, name in enumerate(labels)}
+    return loaded
+
+
 def train_reference(prepared: Prepared, ctx: DefenseContext, out_dir: Path) -> Victim:
     """The model the defense trains, on the unfiltered data: what a data filter inspects."""
     cfg = prepared.cfg
-    loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
-    model = prepared.defense.prepare(loaded.model, ctx)
+    model = prepared.defense.prepare(load_start(prepared).model, ctx)
     trainer = build_trainer(
         model,
         loaded.tokenizer,
@@ -273,17 +272,41 @@ def evaluate_loaded(prepared: Prepared, loaded: Loaded) -> dict[str, Any]:
         return score(trainer, prepared, defense_context(prepared, loaded))
 
 
-def run(cfg: AnyRunConfig, force: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` (classification or generation); a finished run is returned as it is unless
-    ``force``; an interrupted one resumes."""
+def claim_run_dir(cfg: AnyRunConfig, force: bool) -> dict[str, Any] | None:
+    """The finished record to return, or None to run. A directory made by another config is never
+    reused silently: refused, or with ``force`` cleared, as is a finished one."""
+    changed = made_differently(cfg)
+    if changed and not force:
+        raise CleantuneError(
+            f"run directory '{cfg.run_dir}' was made by a different config ({', '.join(changed)} changed); "
+            "rerun with --force (force=True) to replace it, or give the run another name"
+        )
+    if force:
+        return None
     done = finished(cfg.run_dir)
-    if done is not None and not force:
+    if done is not None:
+        log.info("%s is already finished; returning its results (--force reruns it)", cfg.run_dir)
+    elif (cfg.run_dir / "checkpoints").is_dir():
+        log.info("resuming the interrupted run in %s", cfg.run_dir)
+    return done
+
+
+def run(cfg: AnyRunConfig, force: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` (classification or generation). A finished run is returned as it is and an
+    interrupted one resumes, if the same config made it; ``force`` starts afresh."""
+    done = claim_run_dir(cfg, force)
+    if done is not None:
         return done
     if isinstance(cfg, RunConfig):
-        return execute(prepare(cfg))
-    from cleantune.generative import pipeline as generative
+        prepared: Any = prepare(cfg)
+        execute_prepared = execute
+    else:
+        from cleantune.generative import pipeline as generative
 
-    return generative.execute(generative.prepare(cfg))
+        prepared, execute_prepared = generative.prepare(cfg), generative.execute
+    if force:  # only once the inputs are known to be good: a bad rerun keeps the old results
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    return execute_prepared(prepared)
 
 
 @contextmanager
@@ -306,7 +329,7 @@ def execute(prepared: Prepared) -> dict[str, Any]:
     run_dir = open_run_dir(cfg, cfg.attack.model_dump(mode="json"), prepared.poisoned.poisoned_idx)
 
     set_seed(cfg.seed)
-    loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
+    loaded = load_start(prepared)
     with random_state_kept():  # the same initialisation whether or not a reference model was trained first
         ctx, filtering = filter_training(prepared, defense_context(prepared, loaded), run_dir)
     model = prepared.defense.prepare(loaded.model, ctx)
@@ -330,7 +353,12 @@ def execute(prepared: Prepared) -> dict[str, Any]:
     train_info = fit(trainer, checkpoints)
     trainer.model = prepared.defense.finalize(trainer.model)
     metrics = score(trainer, prepared, ctx)
-    product = save_product(trainer.model, loaded, run_dir) if trainer.is_world_process_zero() else None
+    product = None
+    if trainer.is_world_process_zero():
+        probe = DataCollatorWithPadding(loaded.tokenizer)(list(encode(ctx.dev.select(range(min(16, len(ctx.dev)))))))
+        probe.pop("labels", None)
+        delivered = as_delivered(trainer.model, loaded, prepared.splits.num_labels, dict(probe))
+        product = save_product(delivered, loaded, run_dir)
     record = {
         "metrics": metrics,
         "train": train_info,

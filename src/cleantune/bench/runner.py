@@ -22,8 +22,7 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cleantune.bench.suite import Cell, SuiteConfig, cells, dump, load_suite
-from cleantune.config import RunConfig, read_yaml, validate
-from cleantune.errors import CleantuneError
+from cleantune.config import RunConfig, made_differently
 from cleantune.io import atomic_write_text, read_json
 
 COLUMNS = [
@@ -109,18 +108,15 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
     return read_json(metrics) if code == 0 and metrics.exists() else None
 
 
-def made_differently(cell: Cell) -> str:
+def conflict(cell: Cell) -> str:
     """Why the cell's run directory cannot be reused (it was made by another config), or ''."""
-    path = cell.config.run_dir / "config.yaml"
-    if not path.exists():
+    changed = made_differently(cell.config)
+    if not changed:
         return ""
-    try:
-        same = validate(read_yaml(path), str(path)) == cell.config
-    except CleantuneError:
-        same = False
-    if same:
-        return ""
-    return f"{cell.config.run_dir} was made by a different config (was the suite edited?); remove it to rerun this cell"
+    return (
+        f"{cell.config.run_dir} was made by a different config ({', '.join(changed)} changed; was the suite "
+        "edited?); remove it to rerun this cell"
+    )
 
 
 def select(all_cells: list[Cell], only: list[str] | None) -> list[Cell]:
@@ -148,9 +144,9 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
         current = progress.add_task("", total=None)
         for index, cell in enumerate(todo, 1):
             existing = cell.config.run_dir / "metrics.json"
-            conflict = made_differently(cell)
-            if conflict:
-                row, outcome = row_for(suite, cell, None, conflict), "failed"
+            reason = conflict(cell)
+            if reason:
+                row, outcome = row_for(suite, cell, None, reason), "failed"
             elif existing.exists():
                 row, outcome = row_for(suite, cell, read_json(existing)), "skipped"
             else:
