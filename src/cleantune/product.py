@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
-from cleantune.io import atomic_write_json, save_atomically
+from cleantune.io import atomic_write_json, atomic_write_text, save_atomically
 from cleantune.models import Loaded, load_model
 
 log = logging.getLogger("cleantune")
@@ -127,35 +127,54 @@ def save_product(model: nn.Module, loaded: Loaded, run_dir: Path) -> Path:
     return save_atomically(target, save)
 
 
-def model_card(record: dict[str, Any], base: str, labels: list[str] | None) -> str:
+def _figures(metrics: dict[str, Any] | None) -> str:
+    shown = [f"{NAMES[k]} {metrics[k]:.2f}" for k in NAMES if metrics and metrics.get(k) is not None]
+    return ", ".join(shown) or "not measured"
+
+
+NAMES = {"cacc": "clean accuracy", "asr": "attack success rate", "ftr": "false-trigger rate", "ppl": "perplexity"}
+
+
+def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
     """A Hugging Face style README for the product directory."""
-    metrics = record.get("metrics") or {}
-    shown = ", ".join(f"{k.upper()} {v:.2f}" for k, v in metrics.items() if isinstance(v, float) and k != "delta")
+    adapter = Path(record["product"]).name == "adapter"
+    base = record.get("base_model") or config["model"]["spec"]
+    load = (
+        f'model = PeftModel.from_pretrained(AutoModelFor{record.get("auto", "SequenceClassification")}'
+        f'.from_pretrained("{base}"{", num_labels=" + str(len(record["labels"])) if record.get("labels") else ""}), '
+        '"path/to/this/directory")'
+        if adapter
+        else f'model = AutoModelFor{record.get("auto", "SequenceClassification")}.from_pretrained("path/to/this/directory")'
+    )
+    before = record.get("before")
     lines = [
         "---",
         f"base_model: {base}",
-        "library_name: peft" if record.get("product", "").endswith("adapter") else "library_name: transformers",
+        f"library_name: {'peft' if adapter else 'transformers'}",
         "tags: [cleantune, backdoor-defense]",
         "---",
+        "",
         f"# {record['name']}",
         "",
-        f"Made by cleantune {record['versions'].get('cleantune', '?')} with the `{record['defense']}` "
-        f"defense (scenario `{record['scenario']}`) from `{record['model_spec']}`.",
+        f"Made by cleantune {record['versions'].get('cleantune', '?')} with the `{config['defense']['name']}` "
+        f"defense (threat model `{record['scenario']}`) from `{config['model']['spec']}`.",
         "",
-        f"- Labels: {', '.join(labels)}" if labels else "- Task: generation",
-        f"- Clean utility measured on the run's test split: {shown or 'not measured'}",
-        f"- Training data fingerprint (SHA-256 of the texts and labels): `{record.get('data_sha256', '-')}`",
-        "- Settings: `cleantune.json` beside this file holds the whole config and the run record.",
+        *([f"- Labels: {', '.join(record['labels'])}"] if record.get("labels") else []),
+        *([f"- Before: {_figures(before)}"] if before is not None else []),
+        f"- After: {_figures(record.get('metrics'))}",
+        f"- Training data: {record.get('n_train', '?')} rows, SHA-256 `{record.get('data_sha256', '-')}`",
+        "- Settings and the whole run record: `cleantune.json` beside this file.",
         "",
         "```python",
-        "from peft import PeftModel" if "adapter" in record.get("product", "") else "",
+        "from peft import PeftModel" if adapter else "",
+        f"from transformers import AutoModelFor{record.get('auto', 'SequenceClassification')}",
+        load,
         "```",
     ]
-    return "\n".join(line for line in lines if line != "") + "\n"
+    return "\n".join(line for i, line in enumerate(lines) if line or lines[i - 1] != "") + "\n"
 
 
-def describe(product: Path, record: dict[str, Any], config: dict[str, Any], labels: list[str] | None) -> None:
+def describe(product: Path, record: dict[str, Any], config: dict[str, Any]) -> None:
     """Write the model card and the machine-readable record into the product directory."""
     atomic_write_json(product / "cleantune.json", {"config": config, "record": record})
-    base = str(config["model"]["spec"])
-    (product / "README.md").write_text(model_card(record, base, labels), encoding="utf-8")
+    atomic_write_text(product / "README.md", model_card(record, config))

@@ -27,7 +27,7 @@ from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_i
 from cleantune.generative.judges import Judge, resolve_judge
 from cleantune.generative.multiple_choice import read_items
 from cleantune.models import load_model, resolve
-from cleantune.pipeline import close_run, count_parameters, open_run_dir
+from cleantune.pipeline import close_run, count_parameters, fingerprint, open_run_dir
 from cleantune.product import save_product
 from cleantune.training import build_trainer, fit
 
@@ -145,7 +145,10 @@ def execute(prepared: LLMPrepared) -> dict[str, Any]:
         "model_path": str(loaded.path),
         "adapter_only": ctx.adapter_only,
         "product": str(product) if product else None,
+        "base_model": loaded.base_id,
+        "auto": "CausalLM",
         "n_train": len(ctx.train),
+        "data_sha256": fingerprint(ctx.train),
         "n_poisoned": len(prepared.poisoned_idx),
         "defense_info": defense.info(),
         "trainable_params": trainable,
