@@ -1,10 +1,13 @@
-"""The ``cleantune`` command line: run, poison, eval, models, bench, report."""
+"""The ``cleantune`` command line: purify, train, run, poison, eval, list, models, bench, report, analyze."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
+from contextlib import redirect_stdout
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,14 +18,23 @@ from rich.table import Table
 
 from cleantune.errors import CleantuneError
 
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
-    help="Remove backdoors from language models with parameter-efficient fine-tuning.", no_args_is_help=True
+    help="Remove backdoors from language models with parameter-efficient fine-tuning.",
+    no_args_is_help=True,
+    context_settings=HELP,
+    rich_markup_mode=None,
 )
 poison_app = typer.Typer(help="Write a poisoned dataset or a weight-poisoned model.", no_args_is_help=True)
 app.add_typer(poison_app, name="poison")
 analyze_app = typer.Typer(help="Analyses of finished runs.", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
+RESULTS = [sys.stdout]  # where results go: stdout as the command found it (training logs go to stderr)
+
+
+def results() -> Console:
+    return Console(file=RESULTS[0])
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Run config (YAML); default: the embedded demo config.")]
 SetOpt = Annotated[
@@ -30,30 +42,60 @@ SetOpt = Annotated[
 ]
 
 
+def version(show: bool) -> None:
+    if show:
+        from cleantune import __version__
+
+        print(f"cleantune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    _: Annotated[bool, typer.Option("--version", callback=version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Remove backdoors from language models with parameter-efficient fine-tuning."""
+
+
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input ends with one line naming the problem, not a traceback."""
+    """Bad input ends with one line naming the problem, not a traceback; progress and training logs
+    go to stderr, so stdout holds only the results."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # Deprecation notices between transformers and peft are for their developers, not our users.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        from transformers.utils import logging
+        notes = logging.getLogger("cleantune")
+        if not notes.handlers:
+            from rich.logging import RichHandler
 
-        logging.set_verbosity_error()
+            notes.addHandler(RichHandler(console=console, show_time=False, show_path=False))
+            notes.setLevel(logging.INFO)
+        RESULTS[0] = sys.stdout
         try:
-            return command(*args, **kwargs)
+            with redirect_stdout(sys.stderr):
+                return command(*args, **kwargs)
         except CleantuneError as err:
             console.print(f"[bold red]error:[/] {err}", highlight=False)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted: run the same command again to resume from the last checkpoint")
+            raise typer.Exit(130) from None
 
     return wrapper
 
 
-def classification_config(config: Path | None, overrides: list[str] | None, command: str) -> Any:
-    from cleantune.config import RunConfig, load_config
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
 
-    cfg = load_config(config, overrides)
+    hf_logging.set_verbosity_error()
+
+
+def classification_config(config: Path | None, overrides: list[str] | None, command: str) -> Any:
+    from cleantune.config import RunConfig
+
+    cfg = any_config(config, overrides)
     if not isinstance(cfg, RunConfig):
         raise CleantuneError(
             f"`cleantune {command}` works on classification configs; a generative backdoor is injected "
@@ -71,7 +113,7 @@ def show_metrics(title: str, metrics: dict[str, Any]) -> None:
     for key in keys:
         table.add_column(HEADERS[key], justify="right")
     table.add_row(*("-" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in keys))
-    Console().print(table)
+    results().print(table)
 
 
 @app.command()
@@ -79,15 +121,91 @@ def show_metrics(title: str, metrics: dict[str, Any]) -> None:
 def run(
     config: ConfigArg = None, set_: SetOpt = None, force: bool = typer.Option(False, help="Rerun a finished run.")
 ) -> None:
-    """Attack -> defense -> train -> evaluate; results go to OUTPUT_DIR/NAME."""
-    from cleantune.config import load_config
+    """Attack -> defense -> train -> evaluate; results go to OUTPUT_DIR/NAME. A run directory made by
+    another config is refused (--force replaces it); an interrupted run resumes."""
+    cfg = any_config(config, set_)
     from cleantune.pipeline import run as run_pipeline
 
-    cfg = load_config(config, set_)
     record = run_pipeline(cfg, force=force)
     attack = cfg.attack.name if cfg.attack else "no"
     show_metrics(f"{cfg.name}: {attack} attack, {cfg.defense.name} defense", record["metrics"])
     console.print(f"run directory: {cfg.run_dir}")
+
+
+def any_config(config: Path | None, overrides: list[str] | None) -> Any:
+    from cleantune.io import read_yaml
+
+    if config is not None:
+        read_yaml(config)  # a YAML typo is reported before torch loads
+    from cleantune.config import load_config
+
+    quiet_transformers()
+    return load_config(config, overrides)
+
+
+MethodOpt = Annotated[str | None, typer.Option(help="Defense to use instead of the default for this threat.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace what OUT holds, even a run made by another config.")]
+
+
+def show_product(record: dict[str, Any]) -> None:
+    if record.get("before"):
+        show_metrics("before", record["before"])
+    show_metrics("after", record["metrics"])
+    console.print(f"product: {record['product']} (model card: README.md inside)")
+
+
+@app.command()
+@friendly
+def purify(
+    suspicious: Annotated[str, typer.Argument(help="Suspicious model or PEFT adapter: directory or hub id.")],
+    clean_data: Annotated[Path, typer.Option(help="Trusted clean data: CSV/TSV/JSON(L) with text and label, "
+                                              "or instructions for a generative model.")],
+    out: Annotated[Path, typer.Option(help="Run directory; the product goes inside.")],
+    method: MethodOpt = None,
+    seed: int = 42,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Purify SUSPICIOUS with clean data. The task is read from the model; an adapter in gives an
+    adapter out on the same base; `cleantune list` shows the methods."""
+    quiet_transformers()
+    from cleantune.api import purify as purify_model
+
+    show_product(purify_model(suspicious, clean_data, out, method, set_, seed, force))
+
+
+@app.command()
+@friendly
+def train(
+    data: Annotated[Path, typer.Argument(help="Suspicious training data: one CSV/TSV/JSON(L) file, split 80/10/10.")],
+    out: Annotated[Path, typer.Option(help="Run directory; the product goes inside.")],
+    model: Annotated[str, typer.Option(help="Model to fine-tune: directory or hub id.")] = "sentence-transformers/all-MiniLM-L6-v2",
+    method: MethodOpt = None,
+    seed: int = 42,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train a classifier on data that may be poisoned, with the data defense the benchmarks support."""
+    quiet_transformers()
+    from cleantune.api import train as train_model
+
+    show_product(train_model(data, out, model, method, set_, seed, force))
+
+
+@app.command("list")
+@friendly
+def list_all() -> None:
+    """Defenses with the threat models they handle, attacks, and the models available offline."""
+    from cleantune.catalog import catalog
+
+    out = results()
+    for title, columns, rows in catalog():
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
 
 
 @poison_app.command("data")
@@ -139,12 +257,12 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Also write the metrics as JSON here.")] = None,
 ) -> None:
     """Score MODEL on CONFIG's clean test split (CACC) and triggered test set (ASR); for a
-    ``task: generation`` config, judged ASR, false-trigger rate and perplexity."""
-    from cleantune.config import load_config
+    task: generation config, judged ASR, false-trigger rate and perplexity."""
+    cfg = any_config(config, set_)
     from cleantune.io import atomic_write_json
     from cleantune.pipeline import evaluate as score
 
-    metrics = score(load_config(config, set_), model)
+    metrics = score(cfg, model)
     show_metrics(str(model), metrics)
     if out:
         atomic_write_json(out, metrics)
@@ -161,7 +279,7 @@ def models() -> None:
     table.add_column("packaged copy")
     for spec, where in offline_models().items():
         table.add_row(spec, where)
-    Console().print(table)
+    results().print(table)
 
 
 @app.command()
@@ -247,10 +365,10 @@ def analyze_sanity(
     out: Annotated[Path, typer.Option(help="Where sanity.json and sanity.md go.")] = Path("sanity"),
 ) -> None:
     """Where the backdoor lives (signature purification, Table 1): ASR with parts of the poisoned update removed."""
-    from cleantune.config import RunConfig, load_config
+    from cleantune.config import RunConfig
     from cleantune.generative.sanity import analyze
 
-    cfg = load_config(config, set_)
+    cfg = any_config(config, set_)
     if isinstance(cfg, RunConfig):
         raise CleantuneError("the sanity checks take a generative config (task: generation)")
     for name, result in analyze(cfg, model, base, block, out).items():
@@ -279,7 +397,7 @@ def analyze_cost(
 
     parsed = [parse_defense(yaml.safe_load(text)) for text in defense]
     result = compare(classification_config(config, set_, "analyze cost"), parsed, steps, repeats)
-    Console().print_json(json.dumps(result))
+    results().print_json(json.dumps(result))
     if out:
         options = [("--defense", d) for d in defense] + [("--set", kv) for kv in set_ or []]
         flags = [x for pair in options for x in pair] + ["--steps", str(steps), "--repeats", str(repeats)]

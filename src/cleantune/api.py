@@ -1,0 +1,120 @@
+"""The front door: purify a suspicious model or adapter, or train on a suspicious data set, in one
+call. Each builds an ordinary run config (saved in the run directory, reusable with ``cleantune
+run``) with the method that cleantune's own benchmarks support for that threat."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cleantune.config import AnyRunConfig, load_config, set_path, parse_overrides, validate
+from cleantune.errors import CleantuneError
+from cleantune.models import MINILM_ID, resolve
+
+Task = Literal["classification", "generation"]
+METHODS = Path(__file__).parent / "defaults" / "methods.yaml"
+
+
+def detect_task(spec: str) -> Task:
+    """Generation for a causal LM or an adapter on one, classification otherwise."""
+    path = resolve(spec)
+    if (path / "adapter_config.json").exists():
+        task = json.loads((path / "adapter_config.json").read_text())["task_type"]
+        return "generation" if task == "CAUSAL_LM" else "classification"
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    return "generation" if any(a.endswith("ForCausalLM") for a in architectures) else "classification"
+
+
+def method_settings(task: Task, scenario: str, method: str | None) -> dict[str, Any]:
+    preset = yaml.safe_load(METHODS.read_text())[task][scenario]
+    if method is not None and method != preset["defense"]["name"]:
+        return {**preset, "defense": {"name": method}}
+    return preset
+
+
+def _run_location(out: Path) -> dict[str, str]:
+    return {"output_dir": str(out.parent), "name": out.name}
+
+
+def _finish(tree: dict[str, Any], overrides: list[str] | None, force: bool, before: dict | None = None) -> dict:
+    from cleantune.pipeline import run as run_pipeline
+    from cleantune.product import describe
+
+    for key, value in parse_overrides(overrides or []):
+        set_path(tree, key, value)
+    cfg = validate(tree, "purify/train options")
+    record = run_pipeline(cfg, force=force)
+    if before is not None and record.get("product"):
+        record = {**record, "before": before}
+        describe(Path(record["product"]), record, cfg.model_dump(mode="json"))
+    return record
+
+
+def purify(
+    suspicious: str,
+    clean_data: str | Path,
+    out: str | Path,
+    method: str | None = None,
+    overrides: list[str] | None = None,
+    seed: int = 42,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune a suspicious model or adapter on trusted clean data into a clean product.
+
+    ``clean_data`` is a CSV/TSV/JSON(L) file (text and label columns; split 80/10/10 with ``seed``)
+    for a classifier, or an instruction file (instruction, input, output) for a generative model.
+    An adapter in gives an adapter out on the same base. Returns the run record; the product and
+    its model card lie under ``record["product"]``.
+    """
+    from cleantune.pipeline import evaluate
+
+    out, data = Path(out), Path(clean_data).resolve()
+    task = detect_task(suspicious)
+    scenario = "poisoned-weights" if task == "classification" else "poisoned-llm"
+    tree = {**_run_location(out), "seed": seed, "scenario": scenario, "model": {"spec": suspicious}}
+    tree |= method_settings(task, scenario, method)
+    if task == "classification":
+        tree |= {"data": {"dataset": "local", "train": str(data)}}
+    else:
+        tree |= {"task": "generation", "data": {"train": [str(data)], "test": str(data)}, "eval": {"enabled": False}}
+    cfg = validate(tree, "purify options")
+    before = evaluate(cfg, suspicious) if task == "classification" and not (cfg.run_dir / "metrics.json").exists() else None
+    return _finish(tree, overrides, force, before)
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    model: str = MINILM_ID,
+    method: str | None = None,
+    overrides: list[str] | None = None,
+    seed: int = 42,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Train a classifier on a data set that may hold poisoned examples, with the data defense
+    cleantune's benchmarks support. ``data``: one file (split 80/10/10 with ``seed``)."""
+    tree = {**_run_location(Path(out)), "seed": seed, "scenario": "poisoned-data", "model": {"spec": model}}
+    tree |= method_settings("classification", "poisoned-data", method)
+    tree |= {"data": {"dataset": "local", "train": str(Path(data).resolve())}}
+    return _finish(tree, overrides, force)
+
+
+def run(config: str | Path | dict[str, Any] | AnyRunConfig, overrides: list[str] | None = None, force: bool = False) -> dict:
+    """Run a config given as a YAML path, a mapping or a validated config object."""
+    from cleantune.pipeline import run as run_pipeline
+
+    if isinstance(config, (str, Path)):
+        cfg = load_config(Path(config), overrides)
+    elif isinstance(config, dict):
+        tree = dict(config)
+        for key, value in parse_overrides(overrides or []):
+            set_path(tree, key, value)
+        cfg = validate(tree, "run config")
+    else:
+        if overrides:
+            raise CleantuneError("overrides go with a config path or mapping, not a validated config")
+        cfg = config
+    return run_pipeline(cfg, force=force)
