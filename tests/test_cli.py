@@ -161,9 +161,24 @@ def test_purify_an_adapter_then_train_on_suspicious_data(tmp_path: Path, tiny_tr
     assert "before" in result.stdout and "after" in result.stdout
     card = (out / "adapter" / "README.md").read_text()
     assert f"base_model: {tiny_bert}" in card and "`rora` defense" in card and "Before: clean accuracy" in card
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_bert)
-    result = runner.invoke(app, ["train", str(tmp_path / "clean.csv"), "--out", str(tmp_path / "trained"),
-                                 "--model", str(tiny_bert), "--method", "lora", "--set", "train.epochs=1"])
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_bert
+    )
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(tmp_path / "clean.csv"),
+            "--out",
+            str(tmp_path / "trained"),
+            "--model",
+            str(tiny_bert),
+            "--method",
+            "lora",
+            "--set",
+            "train.epochs=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "trained" / "metrics.json").read_text())["scenario"] == "poisoned-data"
 

@@ -38,6 +38,7 @@ def test_lora_run_writes_a_complete_run_directory(tiny_tree):
     assert 0 < saved["trainable_params"] < saved["total_params"]
     assert saved["seed"] == 7 and saved["wall_s"] > 0 and saved["peak_rss_mb"] > 0
     assert {"torch", "transformers", "peft"} <= set(saved["versions"])
+    assert saved["commit"] is None or len(saved["commit"].removesuffix("+dirty")) >= 7
     assert saved["hardware"]["cpus"] >= 1 and saved["hardware"]["gpus"] == torch.cuda.device_count()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["defense"]["r"] == 4
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cleantune.config import AnyRunConfig, load_config, set_path, parse_overrides, validate
+from cleantune.config import AnyRunConfig, load_config, parse_overrides, set_path, validate
 from cleantune.errors import CleantuneError
 from cleantune.models import MINILM_ID, resolve
 
@@ -81,7 +81,9 @@ def purify(
     else:
         tree |= {"task": "generation", "data": {"train": [str(data)], "test": str(data)}, "eval": {"enabled": False}}
     cfg = validate(tree, "purify options")
-    before = evaluate(cfg, suspicious) if task == "classification" and not (cfg.run_dir / "metrics.json").exists() else None
+    before = (
+        evaluate(cfg, suspicious) if task == "classification" and not (cfg.run_dir / "metrics.json").exists() else None
+    )
     return _finish(tree, overrides, force, before)
 
 
@@ -102,7 +104,9 @@ def train(
     return _finish(tree, overrides, force)
 
 
-def run(config: str | Path | dict[str, Any] | AnyRunConfig, overrides: list[str] | None = None, force: bool = False) -> dict:
+def run(
+    config: str | Path | dict[str, Any] | AnyRunConfig, overrides: list[str] | None = None, force: bool = False
+) -> dict:
     """Run a config given as a YAML path, a mapping or a validated config object."""
     from cleantune.pipeline import run as run_pipeline
 

@@ -23,8 +23,16 @@ def _union(annotated: object) -> tuple[type, ...]:
 
 
 def defenses() -> Rows:
-    rows = [(name, "classification", ", ".join(sorted(cls.scenarios))) for cfg, cls in REGISTRY.items() for name in _names(cfg)]
-    rows += [(name, "generation", ", ".join(sorted(cls.scenarios))) for cfg, cls in LLM_DEFENSES.items() for name in _names(cfg)]
+    rows = [
+        (name, "classification", ", ".join(sorted(cls.scenarios)))
+        for cfg, cls in REGISTRY.items()
+        for name in _names(cfg)
+    ]
+    rows += [
+        (name, "generation", ", ".join(sorted(cls.scenarios)))
+        for cfg, cls in LLM_DEFENSES.items()
+        for name in _names(cfg)
+    ]
     return rows
 
 

@@ -36,6 +36,7 @@ RESULTS = [sys.stdout]  # where results go: stdout as the command found it (trai
 def results() -> Console:
     return Console(file=RESULTS[0])
 
+
 ConfigArg = Annotated[Path | None, typer.Argument(help="Run config (YAML); default: the embedded demo config.")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config field: key.path=value (repeatable).")
@@ -158,8 +159,12 @@ def show_product(record: dict[str, Any]) -> None:
 @friendly
 def purify(
     suspicious: Annotated[str, typer.Argument(help="Suspicious model or PEFT adapter: directory or hub id.")],
-    clean_data: Annotated[Path, typer.Option(help="Trusted clean data: CSV/TSV/JSON(L) with text and label, "
-                                              "or instructions for a generative model.")],
+    clean_data: Annotated[
+        Path,
+        typer.Option(
+            help="Trusted clean data: CSV/TSV/JSON(L) with text and label, or instructions for a generative model."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Run directory; the product goes inside.")],
     method: MethodOpt = None,
     seed: int = 42,
@@ -179,7 +184,9 @@ def purify(
 def train(
     data: Annotated[Path, typer.Argument(help="Suspicious training data: one CSV/TSV/JSON(L) file, split 80/10/10.")],
     out: Annotated[Path, typer.Option(help="Run directory; the product goes inside.")],
-    model: Annotated[str, typer.Option(help="Model to fine-tune: directory or hub id.")] = "sentence-transformers/all-MiniLM-L6-v2",
+    model: Annotated[
+        str, typer.Option(help="Model to fine-tune: directory or hub id.")
+    ] = "sentence-transformers/all-MiniLM-L6-v2",
     method: MethodOpt = None,
     seed: int = 42,
     set_: SetOpt = None,

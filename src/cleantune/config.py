@@ -114,10 +114,10 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 
 
 def anchored(tree: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Relative data file paths read from a config file are relative to that file, not to where
-    the command runs."""
+    """Relative local data files named in a config file are relative to that file, not to where the
+    command runs."""
     data = tree.get("data")
-    if not isinstance(data, dict):
-        return tree
+    if tree.get("task") == "generation" or not isinstance(data, dict) or data.get("dataset") != "local":
+        return tree  # instruction sources are relative to data.data_dir
     keys = [k for k in ("train", "dev", "test") if isinstance(data.get(k), str) and not Path(data[k]).is_absolute()]
     return {**tree, "data": {**data, **{k: str(base / data[k]) for k in keys}}}

@@ -15,6 +15,7 @@ import platform
 import random
 import resource
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from cleantune.defenses import Defense, DefenseContext, build_defense
 from cleantune.defenses.base import Victim
 from cleantune.errors import CleantuneError
 from cleantune.evaluation import REJECTED, classification_metrics, predict
-from cleantune.io import atomic_write_json, atomic_write_yaml, read_json, save_atomically
+from cleantune.io import atomic_write_json, atomic_write_yaml, read_json
 from cleantune.models import Loaded, check_weights_are_safe, load_model, merged_adapter, resolve
 from cleantune.product import as_delivered, describe, save_product
 from cleantune.training import build_trainer, fit, tokenize
@@ -70,6 +71,20 @@ def versions() -> dict[str, str]:
     return found
 
 
+def source_commit() -> str | None:
+    """The commit of the cleantune source that ran ("+dirty" with uncommitted edits), for benchmark rows."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", ".").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None  # installed from a wheel, or no git
+
+
 def hardware() -> dict[str, Any]:
     """What ran it, so that times taken on different machines are not compared unawares."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -94,7 +109,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     if defense.clean_aux_size >= len(splits.dev):
         raise CleantuneError(
             f"defense.clean_aux asks for {defense.clean_aux_size} clean examples from the dev split, which has "
-            f"{len(splits.dev)} (some must stay for checkpoint selection): lower defense.clean_aux or give more dev data"
+            f"{len(splits.dev)} (some must stay for checkpoint selection): lower defense.clean_aux or add dev data"
         )
     poison_train = cfg.scenario == "poisoned-data"
     poisoned = attack_data(cfg.attack, splits, cfg.data.data_dir, cfg.seed, train=poison_train)
@@ -180,7 +195,7 @@ def close_run(cfg: AnyRunConfig, record: dict[str, Any], started: float, main_pr
     run_dir = cfg.run_dir
     record = {"status": "done", "name": cfg.name, "seed": cfg.seed, "scenario": cfg.scenario, **record}
     record |= {"wall_s": round(time.time() - started, 1), **peak_memory_mb()}
-    record |= {"versions": versions(), "hardware": hardware()}
+    record |= {"versions": versions(), "hardware": hardware(), "commit": source_commit()}
     if main_process:
         if record.get("product"):
             describe(Path(record["product"]), record, cfg.model_dump(mode="json"))
@@ -218,7 +233,9 @@ def load_start(prepared: Prepared) -> Loaded:
     """The model the defense starts from (a suspicious adapter merged into its base), its head
     named after the task's labels so the product describes itself."""
     cfg, labels = prepared.cfg, prepared.splits.label_names
-    loaded = merged_adapter(load_model(prepared.model_path, num_labels=len(labels), allow_pickle=cfg.model.allow_pickle))
+    loaded = merged_adapter(
+        load_model(prepared.model_path, num_labels=len(labels), allow_pickle=cfg.model.allow_pickle)
+    )
     loaded.model.config.id2label = dict(enumerate(labels))
     loaded.model.config.label2id = {name: i for i, name in enumerate(labels)}
     return loaded
@@ -227,7 +244,8 @@ def load_start(prepared: Prepared) -> Loaded:
 def train_reference(prepared: Prepared, ctx: DefenseContext, out_dir: Path) -> Victim:
     """The model the defense trains, on the unfiltered data: what a data filter inspects."""
     cfg = prepared.cfg
-    model = prepared.defense.prepare(load_start(prepared).model, ctx)
+    loaded = load_start(prepared)
+    model = prepared.defense.prepare(loaded.model, ctx)
     trainer = build_trainer(
         model,
         loaded.tokenizer,

@@ -109,7 +109,9 @@ def as_delivered(model: nn.Module, loaded: Loaded, num_labels: int, probe: dict[
         return tuned.to(device)
     adapter = adapter.to(device)
     gap = max_logit_gap(tuned.to(device), adapter, {k: v.to(device) for k, v in probe.items()})
-    log.info("the product is an adapter on %s again (largest logit gap to the purified model: %.2e)", loaded.base_id, gap)
+    log.info(
+        "the product is an adapter on %s again (largest logit gap to the purified model: %.2e)", loaded.base_id, gap
+    )
     return adapter
 
 
@@ -139,13 +141,11 @@ def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
     """A Hugging Face style README for the product directory."""
     adapter = Path(record["product"]).name == "adapter"
     base = record.get("base_model") or config["model"]["spec"]
-    load = (
-        f'model = PeftModel.from_pretrained(AutoModelFor{record.get("auto", "SequenceClassification")}'
-        f'.from_pretrained("{base}"{", num_labels=" + str(len(record["labels"])) if record.get("labels") else ""}), '
-        '"path/to/this/directory")'
-        if adapter
-        else f'model = AutoModelFor{record.get("auto", "SequenceClassification")}.from_pretrained("path/to/this/directory")'
-    )
+    auto = f"AutoModelFor{record.get('auto', 'SequenceClassification')}"
+    labels = f", num_labels={len(record['labels'])}" if record.get("labels") else ""
+    here = '"path/to/this/directory"'
+    load = f'PeftModel.from_pretrained({auto}.from_pretrained("{base}"{labels}), {here})' if adapter else None
+    load = load or f"{auto}.from_pretrained({here})"
     before = record.get("before")
     lines = [
         "---",
@@ -167,8 +167,8 @@ def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
         "",
         "```python",
         "from peft import PeftModel" if adapter else "",
-        f"from transformers import AutoModelFor{record.get('auto', 'SequenceClassification')}",
-        load,
+        f"from transformers import {auto}",
+        f"model = {load}",
         "```",
     ]
     return "\n".join(line for i, line in enumerate(lines) if line or lines[i - 1] != "") + "\n"

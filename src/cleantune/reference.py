@@ -62,9 +62,13 @@ def _sections(model: type[BaseModel], path: str, seen: set[str]) -> Iterator[str
 
 
 def reference() -> str:
-    lines = ["# Config reference", "", "Generated from the pydantic models by `python -m cleantune.reference`; "
-             "a test fails when this file is out of date. A union section (`defense`, `attack`) lists one "
-             "table per choice, picked by its `name`."]
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from the pydantic models by `python -m cleantune.reference`; "
+        "a test fails when this file is out of date. A union section (`defense`, `attack`) lists one "
+        "table per choice, picked by its `name`.",
+    ]
     for title, model in (("Classification runs", RunConfig), ("Generative runs (`task: generation`)", LLMRunConfig)):
         lines += ["", f"## {title}"]
         lines += list(_sections(model, "", set()))

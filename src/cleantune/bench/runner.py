@@ -51,6 +51,7 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
         peak = record.get("peak_gpu_mb") or record.get("peak_rss_mb")
         row |= {k: metrics.get(k) for k in ("cacc", "asr", "delta", "n_test", "n_test_poison")}
         row |= {k: record.get(k) for k in ("wall_s", "trainable_params", "total_params", "n_train", "n_poisoned")}
+        row["commit"] = record.get("commit")
         train = record.get("train") or {}  # evaluation-only runs train nothing
         best = train.get("best_dev_accuracy")
         row |= {"dev_accuracy": best * 100 if best is not None else None, "peak_mem_mb": peak}
