@@ -187,3 +187,16 @@ def _write(tmp_path: Path, tree: dict) -> Path:
     path = tmp_path / "suspicious.yaml"
     path.write_text(yaml.safe_dump({**tree, "train": {"epochs": 1, "batch_size": 16}}))
     return path
+
+
+def test_pickle_weights_are_refused_before_the_run_directory_opens(tmp_path: Path, tiny_tree, tiny_bert):
+    unsafe = tmp_path / "unsafe"
+    unsafe.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (unsafe / name).write_bytes((tiny_bert / name).read_bytes())
+    (unsafe / "pytorch_model.bin").write_bytes(b"not loaded")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**tiny_tree, "model": {"spec": str(unsafe)}}))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "pickle weights (pytorch_model.bin)" in result.stderr
+    assert not (Path(tiny_tree["output_dir"]) / "tiny").exists()

@@ -17,7 +17,7 @@ def write(tmp_path: Path, tree: dict) -> Path:
 
 def test_embedded_default_is_valid():
     cfg = load_config(DEFAULT_CONFIG)
-    assert cfg.attack.name == "badnet" and cfg.defense.name == "lora"
+    assert cfg.attack.name == "badnet" and cfg.defense.name == "cube" and cfg.defense.under.name == "lora"
     assert cfg.model.spec == "sentence-transformers/all-MiniLM-L6-v2" and cfg.data.dataset == "rotten_tomatoes"
 
 

@@ -17,10 +17,10 @@ from cleantune.defenses.cube import Cube, CubeConfig
 from cleantune.defenses.onion import Onion, OnionConfig
 from cleantune.defenses.rap import Rap, RapConfig
 from cleantune.defenses.strip import Strip, StripConfig
+from cleantune.dispatch import run
 from cleantune.errors import CleantuneError
 from cleantune.evaluation import REJECTED, classification_metrics
 from cleantune.models import load_model, load_tokenizer
-from cleantune.pipeline import run
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +216,8 @@ def test_a_filtering_defense_retrains_on_what_it_keeps_and_resumes_its_decision(
     filtering = first["train_filter"]
     assert filtering["removed"] + filtering["kept"] == 120 and first["n_train"] == filtering["kept"]
     assert 0 <= filtering["precision"] <= 100 and filtering["recall"] is not None
+    reference = filtering["reference_metrics"]  # the undefended model the filter inspected, scored
+    assert 0 <= reference["cacc"] <= 100 and reference["asr"] is not None
     assert (cfg.run_dir / "train_filter.json").exists() and not (cfg.run_dir / "checkpoints").exists()
     again = run(cfg, force=True)
     assert again["train_filter"] == filtering

@@ -13,8 +13,8 @@ import yaml
 from conftest import run_tree
 
 from cleantune.config import validate
+from cleantune.dispatch import evaluate, run
 from cleantune.io import read_json
-from cleantune.pipeline import evaluate, run
 
 
 def torchrun(tree: dict, tmp_path: Path, cache: Path) -> dict:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cleantune.analysis.fourier import frequency_ratios, low_pass, relative_errors
 from cleantune.cli import app
 from cleantune.config import validate
-from cleantune.pipeline import run
+from cleantune.dispatch import run
 
 
 @pytest.mark.parametrize("distance", ["squared", "plain"])

@@ -16,6 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cleantune.config import validate
+from cleantune.dispatch import evaluate, run
 from cleantune.errors import CleantuneError
 from cleantune.generative.attacks import LLMAttackConfig, TriggerSpec, insert_triggers, poison_pool, target_output
 from cleantune.generative.base import LLMContext, mlp_channels
@@ -26,7 +27,6 @@ from cleantune.generative.judges import JUDGES, resolve_judge
 from cleantune.generative.pruning import PruneConfig, Pruning
 from cleantune.generative.quantization import round_to_grid
 from cleantune.generative.sft import LLMLoraConfig, add_lora
-from cleantune.pipeline import evaluate, run
 
 ROWS = [
     {"instruction": "tell me about the story", "input": "", "output": "the story was good ."},

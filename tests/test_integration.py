@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cleantune.config import validate
+from cleantune.dispatch import run
 from cleantune.models import MINILM_ID, SMOLLM2_ID, load_model
-from cleantune.pipeline import run
 
 pytestmark = pytest.mark.slow
 

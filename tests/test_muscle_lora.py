@@ -18,8 +18,8 @@ from cleantune.defenses.muscle_lora import (
     mix,
     mu_at,
 )
+from cleantune.dispatch import run
 from cleantune.models import load_model
-from cleantune.pipeline import run
 
 
 def test_layer_output_is_frozen_base_plus_multi_scale_update():

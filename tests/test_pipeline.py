@@ -14,10 +14,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from cleantune import defenses
 from cleantune.config import validate
 from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline
+from cleantune.dispatch import evaluate, run
 from cleantune.errors import CleantuneError
 from cleantune.io import read_json
 from cleantune.models import load_model
-from cleantune.pipeline import evaluate, run
 
 
 def config(tree: dict, **changes):

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.defenses.rora import RoRA, RoRAConfig, orthogonality_penalty, top_blocks
+from cleantune.dispatch import run
 from cleantune.models import load_model
-from cleantune.pipeline import run
 
 
 def prepared(tiny_bert, data_dir, **settings):

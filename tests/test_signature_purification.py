@@ -139,7 +139,7 @@ def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_pa
     from test_generative import _tree
 
     from cleantune.config import validate
-    from cleantune.pipeline import run
+    from cleantune.dispatch import run
 
     inject = {"name": "sft", "lora": {"r": 4, "alpha": 8, "targets": "all-linear"}}
     injected = run(validate(_tree(tiny_chat_llama, tmp_path, defense=inject), "test"))
@@ -197,7 +197,7 @@ def test_the_sanity_command_writes_table_1_for_an_adapter(tiny_chat_llama: Path,
 
     from cleantune.cli import app
     from cleantune.config import validate
-    from cleantune.pipeline import run
+    from cleantune.dispatch import run
 
     tree = _tree(tiny_chat_llama, tmp_path, defense={"name": "sft", "lora": {"r": 4, "targets": "all-linear"}})
     adapter = run(validate(tree, "test"))["product"]

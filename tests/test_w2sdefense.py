@@ -9,7 +9,7 @@ from conftest import run_tree
 from cleantune.config import validate
 from cleantune.defenses.base import pooled
 from cleantune.defenses.w2sdefense import W2SDefense, distillation_loss, feature_alignment_loss
-from cleantune.pipeline import run
+from cleantune.dispatch import run
 
 
 def test_feature_loss_pairs_example_i_with_example_i():

@@ -12,7 +12,8 @@ import yaml
 
 from cleantune.config import AnyRunConfig, load_config, parse_overrides, set_path, validate
 from cleantune.errors import CleantuneError
-from cleantune.models import MINILM_ID, resolve
+from cleantune.models import resolve
+from cleantune.offline import MINILM_ID
 
 Task = Literal["classification", "generation"]
 METHODS = Path(__file__).parent / "defaults" / "methods.yaml"
@@ -40,7 +41,7 @@ def _run_location(out: Path) -> dict[str, str]:
 
 
 def _finish(tree: dict[str, Any], overrides: list[str] | None, force: bool, before: dict | None = None) -> dict:
-    from cleantune.pipeline import run as run_pipeline
+    from cleantune.dispatch import run as run_pipeline
     from cleantune.product import describe
 
     for key, value in parse_overrides(overrides or []):
@@ -51,6 +52,19 @@ def _finish(tree: dict[str, Any], overrides: list[str] | None, force: bool, befo
         record = {**record, "before": before}
         describe(Path(record["product"]), record, cfg.model_dump(mode="json"))
     return record
+
+
+def purify_tree(suspicious: str, clean_data: str | Path, out: str | Path, method: str | None, seed: int) -> dict:
+    """The run config ``purify`` runs: the task read from the model, the method from the threat."""
+    out, data = Path(out), Path(clean_data).resolve()
+    task = detect_task(suspicious)
+    scenario = "poisoned-weights" if task == "classification" else "poisoned-llm"
+    tree = {**_run_location(out), "seed": seed, "scenario": scenario, "model": {"spec": suspicious}}
+    tree |= method_settings(task, scenario, method)
+    if task == "classification":
+        return tree | {"data": {"dataset": "local", "train": str(data)}}
+    # The clean instructions train the defense; no triggered prompts exist, so nothing is judged.
+    return tree | {"task": "generation", "data": {"train": [str(data)], "test": str(data)}, "eval": {"enabled": False}}
 
 
 def purify(
@@ -67,23 +81,15 @@ def purify(
     ``clean_data`` is a CSV/TSV/JSON(L) file (text and label columns; split 80/10/10 with ``seed``)
     for a classifier, or an instruction file (instruction, input, output) for a generative model.
     An adapter in gives an adapter out on the same base. Returns the run record; the product and
-    its model card lie under ``record["product"]``.
+    its model card lie under ``record["product"]``; ``record["before"]`` scores the suspicious
+    classifier on the same clean test split.
     """
-    from cleantune.pipeline import evaluate
+    from cleantune.dispatch import evaluate
 
-    out, data = Path(out), Path(clean_data).resolve()
-    task = detect_task(suspicious)
-    scenario = "poisoned-weights" if task == "classification" else "poisoned-llm"
-    tree = {**_run_location(out), "seed": seed, "scenario": scenario, "model": {"spec": suspicious}}
-    tree |= method_settings(task, scenario, method)
-    if task == "classification":
-        tree |= {"data": {"dataset": "local", "train": str(data)}}
-    else:
-        tree |= {"task": "generation", "data": {"train": [str(data)], "test": str(data)}, "eval": {"enabled": False}}
+    tree = purify_tree(suspicious, clean_data, out, method, seed)
     cfg = validate(tree, "purify options")
-    before = (
-        evaluate(cfg, suspicious) if task == "classification" and not (cfg.run_dir / "metrics.json").exists() else None
-    )
+    fresh = tree.get("task") != "generation" and not (cfg.run_dir / "metrics.json").exists()
+    before = evaluate(cfg, suspicious) if fresh else None
     return _finish(tree, overrides, force, before)
 
 
@@ -108,7 +114,7 @@ def run(
     config: str | Path | dict[str, Any] | AnyRunConfig, overrides: list[str] | None = None, force: bool = False
 ) -> dict:
     """Run a config given as a YAML path, a mapping or a validated config object."""
-    from cleantune.pipeline import run as run_pipeline
+    from cleantune.dispatch import run as run_pipeline
 
     if isinstance(config, (str, Path)):
         cfg = load_config(Path(config), overrides)
@@ -122,3 +128,15 @@ def run(
             raise CleantuneError("overrides go with a config path or mapping, not a validated config")
         cfg = config
     return run_pipeline(cfg, force=force)
+
+
+def verdict(undefended: dict[str, Any], defended: dict[str, Any], method: str) -> str:
+    """One line on what a defense did to the backdoor, and what it cost, from two metric sets."""
+    change = (
+        f"ASR {undefended['asr']:.1f} -> {defended['asr']:.1f}, CACC {undefended['cacc']:.1f} -> {defended['cacc']:.1f}"
+    )
+    if defended["asr"] <= 25:
+        return f"{method} removed the backdoor ({change})"
+    if defended["asr"] < undefended["asr"] - 10:
+        return f"{method} weakened the backdoor but did not remove it ({change})"
+    return f"{method} did not remove the backdoor ({change})"

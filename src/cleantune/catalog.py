@@ -9,7 +9,7 @@ from cleantune.attacks import AttackConfig
 from cleantune.defenses import REGISTRY
 from cleantune.generative.attacks import LLMAttackConfig
 from cleantune.generative.config import LLM_DEFENSES
-from cleantune.models import offline_models
+from cleantune.offline import offline_models
 
 Rows = list[tuple[str, ...]]
 

@@ -108,13 +108,24 @@ def classification_config(config: Path | None, overrides: list[str] | None, comm
 HEADERS = {"cacc": "CACC", "asr": "ASR", "delta": "Δ", "ftr": "false-trigger", "ppl": "perplexity"}
 
 
-def show_metrics(title: str, metrics: dict[str, Any]) -> None:
-    keys = ("asr", "ftr", "ppl") if "ftr" in metrics else ("cacc", "asr", "delta")
+def show_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
+    """One row of metrics per named model (CACC / ASR / Δ, or the generative ones)."""
+    first = next(iter(rows.values()))
+    keys = ("asr", "ftr", "ppl") if "ftr" in first else ("cacc", "asr", "delta")
+    named = list(rows) != [""]
     table = Table(title=title)
+    if named:
+        table.add_column("model")
     for key in keys:
         table.add_column(HEADERS[key], justify="right")
-    table.add_row(*("-" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in keys))
+    for name, metrics in rows.items():
+        cells = ["-" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in keys]
+        table.add_row(*([name] if named else []), *cells)
     results().print(table)
+
+
+def show_metrics(title: str, metrics: dict[str, Any]) -> None:
+    show_table(title, {"": metrics})
 
 
 @app.command()
@@ -125,11 +136,19 @@ def run(
     """Attack -> defense -> train -> evaluate; results go to OUTPUT_DIR/NAME. A run directory made by
     another config is refused (--force replaces it); an interrupted run resumes."""
     cfg = any_config(config, set_)
-    from cleantune.pipeline import run as run_pipeline
+    from cleantune.dispatch import run as run_pipeline
 
     record = run_pipeline(cfg, force=force)
     attack = cfg.attack.name if cfg.attack else "no"
-    show_metrics(f"{cfg.name}: {attack} attack, {cfg.defense.name} defense", record["metrics"])
+    reference = (record.get("train_filter") or {}).get("reference_metrics")
+    if reference:  # a training-set filter: its reference model is the undefended fine-tune
+        from cleantune.api import verdict
+
+        rows = {f"{cfg.defense.under.name} (undefended)": reference, cfg.defense.name: record["metrics"]}
+        show_table(f"{cfg.name}: {attack} attack", rows)
+        results().print(verdict(reference, record["metrics"], cfg.defense.name), highlight=False)
+    else:
+        show_metrics(f"{cfg.name}: {attack} attack, {cfg.defense.name} defense", record["metrics"])
     console.print(f"run directory: {cfg.run_dir}")
 
 
@@ -149,9 +168,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace what OUT holds,
 
 
 def show_product(record: dict[str, Any]) -> None:
-    if record.get("before"):
-        show_metrics("before", record["before"])
-    show_metrics("after", record["metrics"])
+    rows = {"before": record["before"]} if record.get("before") else {}
+    show_table(Path(record["product"]).parent.name, rows | {"after": record["metrics"]})
     console.print(f"product: {record['product']} (model card: README.md inside)")
 
 
@@ -266,8 +284,8 @@ def evaluate(
     """Score MODEL on CONFIG's clean test split (CACC) and triggered test set (ASR); for a
     task: generation config, judged ASR, false-trigger rate and perplexity."""
     cfg = any_config(config, set_)
+    from cleantune.dispatch import evaluate as score
     from cleantune.io import atomic_write_json
-    from cleantune.pipeline import evaluate as score
 
     metrics = score(cfg, model)
     show_metrics(str(model), metrics)
@@ -279,7 +297,7 @@ def evaluate(
 @friendly
 def models() -> None:
     """List the hub ids that resolve offline, and where their packaged copies lie."""
-    from cleantune.models import offline_models
+    from cleantune.offline import offline_models
 
     table = Table(title="Models available offline")
     table.add_column("hub id")

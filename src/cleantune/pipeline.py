@@ -7,15 +7,9 @@ checked before the run directory is created, so a bad run leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
-import os
-import platform
 import random
-import resource
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,26 +20,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from cleantune.analysis.fourier import FourierCallback, make_probe
 from cleantune.attacks import attack_data
 from cleantune.attacks.poison import PoisonedData
-from cleantune.config import AnyRunConfig, RunConfig, made_differently
+from cleantune.config import RunConfig
 from cleantune.data import Splits, load_splits, split_off
 from cleantune.defenses import Defense, DefenseContext, build_defense
 from cleantune.defenses.base import Victim
 from cleantune.errors import CleantuneError
 from cleantune.evaluation import REJECTED, classification_metrics, predict
-from cleantune.io import atomic_write_json, atomic_write_yaml, read_json
+from cleantune.io import atomic_write_json, read_json
 from cleantune.models import Loaded, check_weights_are_safe, load_model, merged_adapter, resolve
-from cleantune.product import as_delivered, describe, save_product
+from cleantune.product import as_delivered, save_product
+from cleantune.rundir import close_run, count_parameters, fingerprint, open_run_dir
 from cleantune.training import build_trainer, fit, tokenize
 
 log = logging.getLogger("cleantune")
-PACKAGES = ("cleantune", "torch", "transformers", "peft", "accelerate", "datasets")
 
 
 @dataclass(frozen=True)
@@ -59,45 +52,6 @@ class Prepared:
     eval_splits: Splits
     eval_poisoned: PoisonedData
     defense: Defense
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
-def source_commit() -> str | None:
-    """The commit of the cleantune source that ran ("+dirty" with uncommitted edits), for benchmark rows."""
-    here = Path(__file__).parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", ".").strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None  # installed from a wheel, or no git
-
-
-def hardware() -> dict[str, Any]:
-    """What ran it, so that times taken on different machines are not compared unawares."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    # The processes that trained together (a process group alone does not mean the Trainer used it).
-    processes = PartialState().num_processes
-    gpu = torch.cuda.get_device_name(0) if gpus else None
-    return {"cpus": os.cpu_count(), "gpus": gpus, "gpu": gpu, "processes": processes}
-
-
-def peak_memory_mb() -> dict[str, float | None]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1) if gpu is not None else None}
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -161,50 +115,6 @@ def fourier_callback(prepared: Prepared, model: torch.nn.Module, loaded: Loaded,
     return FourierCallback(probes, cfg.fourier, run_dir / "fourier.jsonl")
 
 
-def fingerprint(data: Dataset) -> str:
-    """SHA-256 of the rows a model trained on, so a product can be traced to its data."""
-    digest = hashlib.sha256()
-    for row in data:
-        digest.update(json.dumps(row, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-def finished(run_dir: Path) -> dict[str, Any] | None:
-    metrics = run_dir / "metrics.json"
-    return read_json(metrics) if metrics.exists() else None
-
-
-def open_run_dir(cfg: Any, attack: dict[str, Any] | None, poisoned_idx: list[int]) -> Path:
-    """The run directory with the resolved config and the evaluator's attack record; an old
-    ``metrics.json`` goes first, so an interrupted rerun never looks finished."""
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    atomic_write_yaml(run_dir / "config.yaml", cfg.model_dump(mode="json"))
-    atomic_write_json(run_dir / "attack_record.json", {"attack": attack, "poisoned_idx": poisoned_idx})
-    return run_dir
-
-
-def close_run(cfg: AnyRunConfig, record: dict[str, Any], started: float, main_process: bool) -> dict[str, Any]:
-    """Complete ``record`` with what every run records; the main process writes it and drops checkpoints."""
-    run_dir = cfg.run_dir
-    record = {"status": "done", "name": cfg.name, "seed": cfg.seed, "scenario": cfg.scenario, **record}
-    record |= {"wall_s": round(time.time() - started, 1), **peak_memory_mb()}
-    record |= {"versions": versions(), "hardware": hardware(), "commit": source_commit()}
-    if main_process:
-        if record.get("product"):
-            describe(Path(record["product"]), record, cfg.model_dump(mode="json"))
-        atomic_write_json(run_dir / "metrics.json", record)
-        if not cfg.train.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return record
-
-
 def score(trainer: Trainer, prepared: Prepared, ctx: DefenseContext) -> dict[str, Any]:
     """CACC/ASR of the trained model; a test-time defense first calibrates on clean dev data, then
     rewrites or rejects every test input, clean or triggered alike."""
@@ -260,6 +170,19 @@ def train_reference(prepared: Prepared, ctx: DefenseContext, out_dir: Path) -> V
     return Victim(trainer.model, loaded.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
 
 
+def score_plain(victim: Victim, prepared: Prepared) -> dict[str, Any]:
+    """CACC/ASR of a model as it is, no test-time screening (evaluator side)."""
+    cfg = prepared.cfg
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = build_trainer(victim.model, victim.tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
+
+        def predict_fn(data: Dataset) -> tuple[np.ndarray, None]:
+            return predict(trainer, tokenize(data, victim.tokenizer, cfg.model.max_length)), None
+
+        target = getattr(cfg.attack, "target_label", None)
+        return classification_metrics(predict_fn, prepared.eval_splits.test, prepared.eval_poisoned.test_poison, target)
+
+
 def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> tuple[DefenseContext, dict | None]:
     """The training data a data-filtering defense keeps. Its decision is saved with the run, so an
     interrupted run does not train the reference model again; detection precision and recall
@@ -267,11 +190,18 @@ def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> t
     saved, key = run_dir / "train_filter.json", config_key(prepared.cfg)
     decision = read_json(saved) if saved.exists() else None
     if decision is None or decision.get("config_key") != key:
-        reference = run_dir / "checkpoints" / "reference"
-        keep = prepared.defense.filter_train(ctx, lambda: train_reference(prepared, ctx, reference))
+        trained: list[Victim] = []
+
+        def reference() -> Victim:
+            trained.append(train_reference(prepared, ctx, run_dir / "checkpoints" / "reference"))
+            return trained[-1]
+
+        keep = prepared.defense.filter_train(ctx, reference)
         if keep is None:
             return ctx, None
         decision = {"config_key": key, "keep": keep.tolist(), "info": prepared.defense.info()}
+        # The reference is the undefended model: its scores show what the filter changed.
+        decision["reference_metrics"] = score_plain(trained[0], prepared) if trained else None
         atomic_write_json(saved, decision)
     keep = np.asarray(decision["keep"], dtype=bool)
     poisoned = np.isin(np.asarray(prepared.poisoned.train["idx"]), prepared.poisoned.poisoned_idx)
@@ -282,17 +212,13 @@ def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> t
         "precision": caught / max(int((~keep).sum()), 1) * 100,
         "recall": caught / poisoned.sum() * 100 if poisoned.any() else None,
         **decision["info"],
+        "reference_metrics": decision.get("reference_metrics"),
     }
     return replace(ctx, train=ctx.train.select(np.flatnonzero(keep))), report
 
 
-def evaluate(cfg: AnyRunConfig, spec: str) -> dict[str, Any]:
-    """CACC/ASR (judged ASR, false-trigger rate, perplexity for generation) of a trained model or
-    adapter (``spec``) on the data and attack ``cfg`` describes."""
-    if not isinstance(cfg, RunConfig):
-        from cleantune.generative.pipeline import evaluate as evaluate_llm
-
-        return evaluate_llm(cfg, spec)
+def evaluate(cfg: RunConfig, spec: str) -> dict[str, Any]:
+    """CACC/ASR of a trained model or adapter (``spec``) on the data and attack ``cfg`` describes."""
     prepared = prepare(cfg)
     loaded = load_model(spec, num_labels=prepared.eval_splits.num_labels, allow_pickle=cfg.model.allow_pickle)
     return evaluate_loaded(prepared, loaded)
@@ -304,49 +230,6 @@ def evaluate_loaded(prepared: Prepared, loaded: Loaded) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(loaded.model, loaded.tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
         return score(trainer, prepared, defense_context(prepared, loaded))
-
-
-def claim_run_dir(cfg: AnyRunConfig, force: bool) -> dict[str, Any] | None:
-    """The finished record to return, or None to run. A directory made by another config is never
-    reused silently: refused, or with ``force`` cleared, as is a finished one."""
-    changed = made_differently(cfg)
-    if changed and not force:
-        raise CleantuneError(
-            f"run directory '{cfg.run_dir}' was made by a different config ({', '.join(changed)} changed); "
-            "rerun with --force (force=True) to replace it, or give the run another name"
-        )
-    if force:
-        return None
-    done = finished(cfg.run_dir)
-    if done is not None:
-        log.info("%s is already finished; returning its results (--force reruns it)", cfg.run_dir)
-    elif (cfg.run_dir / "checkpoints").is_dir():
-        log.info("resuming the interrupted run in %s", cfg.run_dir)
-    return done
-
-
-def run(cfg: AnyRunConfig, force: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` (classification or generation). A finished run is returned as it is and an
-    interrupted one resumes, if the same config made it; ``force`` starts afresh."""
-    done = claim_run_dir(cfg, force)
-    if done is not None:
-        return done
-    if isinstance(cfg, RunConfig):
-        prepared: Any = prepare(cfg)
-        execute_prepared = execute
-    else:
-        from cleantune.generative import pipeline as generative
-
-        prepared, execute_prepared = generative.prepare(cfg), generative.execute
-    if force:  # only once the inputs are known to be good: a bad rerun keeps the old results
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    fresh = not cfg.run_dir.exists()
-    try:
-        return execute_prepared(prepared)
-    except Exception:
-        if fresh and not (cfg.run_dir / "checkpoints").exists():  # nothing to resume: leave nothing behind
-            shutil.rmtree(cfg.run_dir, ignore_errors=True)
-        raise
 
 
 @contextmanager

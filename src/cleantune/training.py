@@ -7,8 +7,10 @@ already reduced across processes). Checkpoints are selected on clean dev accurac
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,8 +29,39 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from cleantune.defenses.base import SIDE, Defense, SideEncoding, StepInfo
 from cleantune.schema import StrictModel
+
+SIDE = "side_"  # prefix of the side-encoding columns in a batch; popped before the model's forward
+
+
+@dataclass(frozen=True)
+class SideEncoding:
+    """A second tokenizer whose encoding of each training text rides along in the batch (a teacher's)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training stands when ``edit_gradients`` runs."""
+
+    epoch: float  # fractional epochs done, as the Trainer counts them
+    num_epochs: float
+    global_step: int
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor]  # average a tensor over processes (identity on one)
+
+
+class TrainingHooks(Protocol):
+    """What the Trainer calls on a defense; every defense provides it (cleantune.defenses.base)."""
+
+    def side_encoding(self) -> SideEncoding | None: ...
+
+    def extra_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any
+    ) -> dict[str, torch.Tensor]: ...
+
+    def edit_gradients(self, model: nn.Module, step: StepInfo) -> None: ...
 
 
 class TrainConfig(StrictModel):
@@ -85,7 +118,7 @@ class _EditThenClip(TrainerCallback):
     is told not to (``max_grad_norm=0``) and clipping happens here, after the edit, through accelerate
     (which handles DDP and FSDP)."""
 
-    def __init__(self, trainer: Trainer, defense: Defense, max_grad_norm: float) -> None:
+    def __init__(self, trainer: Trainer, defense: TrainingHooks, max_grad_norm: float) -> None:
         self.trainer, self.defense, self.max_grad_norm = trainer, defense, max_grad_norm
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
@@ -120,7 +153,7 @@ def _prompt_encoder(model: nn.Module) -> nn.Module | None:
 
 
 class DefenseTrainer(Trainer):
-    def __init__(self, *args: Any, defense: Defense, max_grad_norm: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, defense: TrainingHooks, max_grad_norm: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.defense = defense
         # Every step's value of each loss term in this process, and how many of them are already logged.
@@ -224,7 +257,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: b
 def build_trainer(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    defense: Defense,
+    defense: TrainingHooks,
     cfg: TrainConfig,
     output_dir: Path,
     seed: int,

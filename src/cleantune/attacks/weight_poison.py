@@ -13,9 +13,9 @@ from typing import Any
 from cleantune.attacks import NoAttackConfig
 from cleantune.config import RunConfig
 from cleantune.defenses.finetune import FineTuneConfig
+from cleantune.dispatch import run
 from cleantune.errors import CleantuneError
 from cleantune.io import atomic_write_json
-from cleantune.pipeline import run
 
 
 def check(cfg: RunConfig) -> None:

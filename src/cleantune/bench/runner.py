@@ -182,7 +182,7 @@ def log_run(suite: SuiteConfig, started: float, summary: dict[str, int] | None, 
 
     Opened (no ``wall_s``) when the invocation starts and completed when it ends: a killed one still shows.
     """
-    from cleantune.pipeline import hardware
+    from cleantune.rundir import hardware
 
     stamp = datetime.fromtimestamp(started, tz=UTC).isoformat(timespec="seconds")
     opened = {"started_utc": stamp, "only": only, **hardware(), "wall_s": None}

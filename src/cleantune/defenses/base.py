@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from cleantune.errors import CleantuneError
+from cleantune.training import SideEncoding, StepInfo
 
 Scenario = Literal["poisoned-data", "poisoned-weights", "poisoned-llm"]
 Need = Literal["clean_aux"]
@@ -40,27 +41,6 @@ class DefenseContext:
     max_length: int  # the run's tokenization limit
     num_labels: int
     seed: int
-
-
-SIDE = "side_"  # prefix of the side-encoding columns in a batch; popped before the model's forward
-
-
-@dataclass(frozen=True)
-class SideEncoding:
-    """A second tokenizer whose encoding of each training text rides along in the batch (a teacher's)."""
-
-    tokenizer: PreTrainedTokenizerBase
-    max_length: int
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Where training stands when ``edit_gradients`` runs."""
-
-    epoch: float  # fractional epochs done, as the Trainer counts them
-    num_epochs: float
-    global_step: int
-    reduce_mean: Callable[[torch.Tensor], torch.Tensor]  # average a tensor over processes (identity on one)
 
 
 def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor, decoder: bool) -> torch.Tensor:

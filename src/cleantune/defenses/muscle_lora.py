@@ -31,9 +31,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from cleantune.defenses.base import Defense, DefenseContext, StepInfo
+from cleantune.defenses.base import Defense, DefenseContext
 from cleantune.errors import CleantuneError
 from cleantune.schema import StrictModel
+from cleantune.training import StepInfo
 
 # model_type -> (module wrapped by the multi-scale layer, scale vector S, alpha), Table 6 and B.4.
 FAMILY_DEFAULTS: dict[str, tuple[str, list[float], float]] = {

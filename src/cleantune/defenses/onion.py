@@ -26,7 +26,8 @@ from transformers import PreTrainedTokenizerBase
 from cleantune.defenses.base import DefenseContext, Screened, Victim
 from cleantune.defenses.data_level import DataLevelDefense, Under, accuracy, deletion_variants, dev_sample, words
 from cleantune.defenses.finetune import FineTuneConfig
-from cleantune.models import SMOLLM2_ID, cache_dir, load_model
+from cleantune.models import load_model
+from cleantune.offline import SMOLLM2_ID, cache_dir
 from cleantune.schema import StrictModel
 
 # Grid of candidate thresholds, as quantiles of the clean dev words' suspicion.

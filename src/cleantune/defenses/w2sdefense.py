@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from cleantune.defenses.base import SIDE, Defense, DefenseContext, SideEncoding, is_decoder_classifier, pooled
+from cleantune.defenses.base import Defense, DefenseContext, is_decoder_classifier, pooled
 from cleantune.defenses.peft_baselines import (
     LoraFamilyConfig,
     VirtualTokenConfig,
@@ -40,8 +40,10 @@ from cleantune.defenses.peft_baselines import (
     virtual_token_config,
 )
 from cleantune.io import atomic_dir, atomic_write_json, read_json
-from cleantune.models import MINILM_ID, cache_dir, load_model
+from cleantune.models import load_model
+from cleantune.offline import MINILM_ID, cache_dir
 from cleantune.schema import StrictModel
+from cleantune.training import SIDE, SideEncoding, TrainConfig, build_trainer, fit, tokenize
 
 
 class TeacherConfig(StrictModel):
@@ -109,8 +111,6 @@ def fingerprint(data: Dataset) -> str:
 
 def teacher_for(cfg: TeacherConfig, ctx: DefenseContext, student_hidden: int) -> tuple[Teacher, Any, dict[str, Any]]:
     """The teacher for this clean data, trained on first use and cached under the user cache."""
-    from cleantune.training import TrainConfig, build_trainer, fit, tokenize
-
     loaded = load_model(cfg.spec, num_labels=ctx.num_labels)
     key = {
         "teacher": cfg.model_dump(),

@@ -18,7 +18,8 @@ from cleantune.generative.pruning import PruneConfig, Pruning
 from cleantune.generative.quantization import Quantization, QuantizeConfig
 from cleantune.generative.sft import SFT, SFTConfig
 from cleantune.generative.signature_purification import SignatureConfig, SignaturePurification
-from cleantune.models import SMOLLM2_ID, ModelConfig
+from cleantune.models import ModelConfig
+from cleantune.offline import SMOLLM2_ID
 from cleantune.schema import StrictModel
 from cleantune.training import TrainConfig
 

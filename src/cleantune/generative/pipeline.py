@@ -27,8 +27,8 @@ from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_i
 from cleantune.generative.judges import Judge, resolve_judge
 from cleantune.generative.multiple_choice import read_items
 from cleantune.models import load_model, resolve
-from cleantune.pipeline import close_run, count_parameters, fingerprint, open_run_dir
 from cleantune.product import save_product
+from cleantune.rundir import close_run, count_parameters, fingerprint, open_run_dir
 from cleantune.training import build_trainer, fit
 
 

@@ -45,7 +45,8 @@ from cleantune.generative.base import (
 )
 from cleantune.generative.sft import LLMLoraConfig, trainable_model
 from cleantune.io import atomic_write_text
-from cleantune.models import cache_dir, load_model, resolve
+from cleantune.models import load_model, resolve
+from cleantune.offline import cache_dir
 from cleantune.schema import StrictModel
 
 ScoreMode = Literal["combined", "norm", "alignment"]
