@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Set up, then run every test (the slow ones use the real packaged models).
+# Set up, then check and test: the lint and format gate, the fast unit lane (tiny random models),
+# then the slow lane (the real packaged models). Arguments go to pytest alone, skipping the lanes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+.venv/bin/ruff check src tests
+.venv/bin/ruff format --check src tests
+.venv/bin/python -m pytest -q -m "not slow"
+.venv/bin/python -m pytest -q -m slow

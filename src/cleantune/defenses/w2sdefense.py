@@ -181,7 +181,8 @@ class W2SDefense(Defense):
         self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     def side_encoding(self) -> SideEncoding | None:
-        return self.side
+        # None until prepare: scoring a saved student (cleantune eval) builds a Trainer without it.
+        return getattr(self, "side", None)
 
     def extra_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], outputs: Any) -> dict[str, torch.Tensor]:
         cfg: W2SDefenseConfig = self.cfg

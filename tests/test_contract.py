@@ -1,0 +1,82 @@
+"""One table, every registered classification defense through the same contract: it sees only what
+its threat model allows, its saved product reloads to the metrics the run reported, and a scenario
+it does not declare is refused."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+from conftest import TRIGGERS, record_contexts, run_tree
+
+from cleantune import defenses
+from cleantune.config import validate
+from cleantune.dispatch import evaluate, run
+from cleantune.errors import CleantuneError
+
+LORA = {"name": "lora", "r": 2}
+# name -> (defense section, the model fixture it trains); tiny settings, one epoch.
+CASES: dict[str, tuple[dict, str]] = {
+    "none": ({"name": "none"}, "tiny_bert"),
+    "fft": ({"name": "fft"}, "tiny_bert"),
+    **{name: ({"name": name, "r": 2}, "tiny_bert") for name in ("lora", "dora", "pissa", "olora")},
+    **{name: ({"name": name, "num_virtual_tokens": 4}, "tiny_bert") for name in ("prefix", "prompt", "ptuning")},
+    "muscle-lora": ({"name": "muscle-lora", "clean_aux": 8, "aux_batch_size": 8}, "tiny_bert"),
+    "rora": ({"name": "rora", "r": 2, "rescale_layers": 1}, "tiny_bert"),
+    "w2sdefense": ({"name": "w2sdefense", "teacher": {"spec": "tiny_bert", "epochs": 1}}, "tiny_llama_wide"),
+    "onion": ({"name": "onion", "under": LORA, "lm": "tiny_llama", "cache": False, "dev_samples": 10}, "tiny_bert"),
+    "strip": ({"name": "strip", "under": LORA, "copies": 2, "frr": 0.1}, "tiny_bert"),
+    "rap": ({"name": "rap", "under": LORA, "protect_label": 1, "epochs": 2, "frr": 0.1}, "tiny_bert"),
+    "bki": ({"name": "bki", "under": LORA}, "tiny_bert"),
+    "cube": ({"name": "cube", "under": LORA, "min_cluster_size": 10}, "tiny_bert"),
+}
+SCENARIOS = ("poisoned-data", "poisoned-weights")
+
+
+def registered() -> set[str]:
+    return {n for config in defenses.REGISTRY for n in typing.get_args(config.model_fields["name"].annotation)}
+
+
+def test_the_table_holds_every_registered_defense():
+    assert set(CASES) == registered()
+
+
+def tree_for(name: str, request: pytest.FixtureRequest, data_dir, tmp_path, scenario: str) -> dict:
+    section, model = CASES[name]
+    fixture = {
+        k: str(request.getfixturevalue(v)) for k, v in (("tiny_bert", "tiny_bert"), ("tiny_llama", "tiny_llama"))
+    }
+    section = {k: fixture.get(v, v) if isinstance(v, str) else v for k, v in section.items()}
+    if "teacher" in section:
+        section["teacher"] = {**section["teacher"], "spec": fixture["tiny_bert"]}
+    tree = run_tree(data_dir, request.getfixturevalue(model), tmp_path / "runs", defense=section, scenario=scenario)
+    tree["attack"] = {"name": "badnet", "triggers": ["cf"], "rate": 0.2, "target_label": 1}
+    tree["train"] = {"epochs": 1, "lr": 5e-3, "batch_size": 16}
+    return tree
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_defense_keeps_the_contract(name, request, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEANTUNE_CACHE", str(tmp_path / "cache"))
+    config_class = next(c for c in defenses.REGISTRY if name in typing.get_args(c.model_fields["name"].annotation))
+    declared = defenses.REGISTRY[config_class].scenarios
+    scenario = next(s for s in SCENARIOS if s in declared)
+    seen = record_contexts(monkeypatch, config_class)
+    cfg = validate(tree_for(name, request, data_dir, tmp_path, scenario), "contract")
+    record = run(cfg)
+
+    for ctx in seen:  # what the defense was handed: the data as the defender holds it, nothing more
+        assert ctx.train.column_names == ctx.dev.column_names == ["text", "label"]
+        assert not any(set(TRIGGERS) & set(text.split()) for text in ctx.dev["text"])
+        assert ctx.clean_aux is None or not any("cf" in text.split() for text in ctx.clean_aux["text"])
+        assert not any(isinstance(value, (list, set, dict)) for value in vars(ctx).values())
+    assert seen, "the defense was never prepared"
+
+    again = evaluate(cfg, record["product"])  # the saved product is the model that was scored
+    assert again["cacc"] == pytest.approx(record["metrics"]["cacc"])
+    assert again["asr"] == pytest.approx(record["metrics"]["asr"])
+
+    for other in set(SCENARIOS) - set(declared):
+        refused = validate(tree_for(name, request, data_dir, tmp_path / "x", other), "contract")
+        with pytest.raises(CleantuneError, match=f"does not handle scenario '{other}'"):
+            run(refused)
