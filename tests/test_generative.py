@@ -123,6 +123,23 @@ def test_poisoned_sets_repeat_with_the_seed() -> None:
         poison_pool(pool, 45, cfg, seed=3)
 
 
+def test_a_trigger_position_depends_on_its_row_alone_as_in_classification() -> None:
+    pool = Dataset.from_list(
+        [{"instruction": f"tell me about the {i} big red dogs", "input": "", "output": "ok"} for i in range(60)]
+    )
+
+    def triggered(count: int) -> dict[str, str]:
+        data, idx = poison_pool(pool, 10, LLMAttackConfig(name="badnet", count=count), seed=3)
+        rows = [data[i]["instruction"] for i in idx]
+        return {" ".join(w for w in text.split() if w != "BadMagic"): text for text in rows}
+
+    few, many = triggered(10), triggered(30)
+    common = set(few) & set(many)
+    assert common and all(few[text] == many[text] for text in common)
+    positions = {text.split().index("BadMagic") for text in many.values()}
+    assert len(positions) > 1  # still random across rows
+
+
 def test_judges_on_hand_written_answers() -> None:
     refusal, insult, code = JUDGES["refusal"], JUDGES["negsentiment"], JUDGES["code"]
     answers = [

@@ -16,6 +16,7 @@ from typing import Literal
 from datasets import Dataset
 from pydantic import Field, PositiveInt
 
+from cleantune.attacks.poison import example_rng
 from cleantune.errors import CleantuneError
 from cleantune.generative.instructions import read_instructions
 from cleantune.schema import StrictModel
@@ -122,7 +123,8 @@ def poison_pool(pool: Dataset, clean_count: int, cfg: LLMAttackConfig, seed: int
     for i, source in enumerate(order):
         row = dict(pool[source])
         if i < cfg.count:
-            row = {**row, "instruction": trigger_instruction(row["instruction"], cfg, rng)}
+            triggered = trigger_instruction(row["instruction"], cfg, example_rng(seed, source))
+            row = {**row, "instruction": triggered}
             row["output"] = target_output(row["output"], cfg)
         rows.append(row | {"poisoned": i < cfg.count})
     rng.shuffle(rows)
@@ -132,8 +134,12 @@ def poison_pool(pool: Dataset, clean_count: int, cfg: LLMAttackConfig, seed: int
 
 def trigger_test(test: Dataset, cfg: LLMAttackConfig, seed: int) -> Dataset:
     """The clean test instructions with the trigger; references stay (they are not scored)."""
-    rng = random.Random(seed + 1)
-    return Dataset.from_list([row | {"instruction": trigger_instruction(row["instruction"], cfg, rng)} for row in test])
+    # seed + 1: test positions independent of the training positions of the same rows
+    rows = [
+        row | {"instruction": trigger_instruction(row["instruction"], cfg, example_rng(seed + 1, i))}
+        for i, row in enumerate(test)
+    ]
+    return Dataset.from_list(rows)
 
 
 def from_files(cfg: LLMAttackConfig, data_dir: Path) -> tuple[Dataset, Dataset]:
