@@ -164,23 +164,15 @@ def test_purify_an_adapter_then_train_on_suspicious_data(tmp_path: Path, tiny_tr
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tiny_bert
     )
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            str(tmp_path / "clean.csv"),
-            "--out",
-            str(tmp_path / "trained"),
-            "--model",
-            str(tiny_bert),
-            "--method",
-            "lora",
-            "--set",
-            "train.epochs=1",
-        ],
-    )
+    (tmp_path / "dev.csv").write_text(_rows(20))
+    trained = tmp_path / "trained"
+    args = ["train", str(tmp_path / "clean.csv"), "--out", str(trained), "--model", str(tiny_bert), "--method", "lora"]
+    result = runner.invoke(app, [*args, "--dev", str(tmp_path / "dev.csv"), "--test", str(tmp_path / "dev.csv")])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "trained" / "metrics.json").read_text())["scenario"] == "poisoned-data"
+    record = json.loads((trained / "metrics.json").read_text())
+    assert record["scenario"] == "poisoned-data" and record["n_train"] == 100  # not split: dev and test given
+    result = runner.invoke(app, [*args, "--dev", str(tmp_path / "dev.csv"), "--force"])
+    assert result.exit_code == 2 and "give both a dev and a test file" in result.stderr
 
 
 def _write(tmp_path: Path, tree: dict) -> Path:

@@ -101,12 +101,18 @@ def train(
     overrides: list[str] | None = None,
     seed: int = 42,
     force: bool = False,
+    dev: str | Path | None = None,
+    test: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a classifier on a data set that may hold poisoned examples, with the data defense
-    cleantune's benchmarks support. ``data``: one file (split 80/10/10 with ``seed``)."""
+    cleantune's benchmarks support. ``data`` alone is split 80/10/10 with ``seed``; with ``dev``
+    and ``test`` (trusted clean files) it is the training set as it is."""
+    if (dev is None) != (test is None):
+        raise CleantuneError("give both a dev and a test file, or neither (then the data file is split)")
+    files = {"train": data} | ({"dev": dev, "test": test} if dev is not None else {})
     tree = {**_run_location(Path(out)), "seed": seed, "scenario": "poisoned-data", "model": {"spec": model}}
     tree |= method_settings("classification", "poisoned-data", method)
-    tree |= {"data": {"dataset": "local", "train": str(Path(data).resolve())}}
+    tree |= {"data": {"dataset": "local", **{k: str(Path(v).resolve()) for k, v in files.items()}}}
     return _finish(tree, overrides, force)
 
 

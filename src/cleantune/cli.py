@@ -200,12 +200,14 @@ def purify(
 @app.command()
 @friendly
 def train(
-    data: Annotated[Path, typer.Argument(help="Suspicious training data: one CSV/TSV/JSON(L) file, split 80/10/10.")],
+    data: Annotated[Path, typer.Argument(help="Suspicious training data: a CSV/TSV/JSON(L) file.")],
     out: Annotated[Path, typer.Option(help="Run directory; the product goes inside.")],
     model: Annotated[
         str, typer.Option(help="Model to fine-tune: directory or hub id.")
     ] = "sentence-transformers/all-MiniLM-L6-v2",
     method: MethodOpt = None,
+    dev: Annotated[Path | None, typer.Option(help="Trusted clean dev file (with --test); else DATA is split.")] = None,
+    test: Annotated[Path | None, typer.Option(help="Trusted clean test file (with --dev).")] = None,
     seed: int = 42,
     set_: SetOpt = None,
     force: ForceOpt = False,
@@ -214,7 +216,7 @@ def train(
     quiet_transformers()
     from cleantune.api import train as train_model
 
-    show_product(train_model(data, out, model, method, set_, seed, force))
+    show_product(train_model(data, out, model, method, set_, seed, force, dev, test))
 
 
 @app.command("list")

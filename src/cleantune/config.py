@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from cleantune.analysis.fourier import FourierConfig
 from cleantune.attacks import AttackConfig, NoAttackConfig
 from cleantune.data import DataConfig
 from cleantune.defenses import DefenseConfig
-from cleantune.defenses.base import Scenario
 from cleantune.defenses.peft_baselines import LoraFamilyConfig
 from cleantune.errors import CleantuneError
+from cleantune.generative.config import LLMRunConfig
 from cleantune.io import read_yaml
 from cleantune.models import ModelConfig
-from cleantune.schema import StrictModel
+from cleantune.schema import RunBase
 from cleantune.training import TrainConfig
-
-if TYPE_CHECKING:
-    from cleantune.generative.config import LLMRunConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "demo.yaml"
 
 
-class RunConfig(StrictModel):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.=+-]+$")
-    output_dir: Path = Path("runs")
-    seed: int = 42
-    scenario: Scenario = "poisoned-data"
+class RunConfig(RunBase):
+    task: Literal["classification"] = "classification"
+    # poisoned-data: the training set may be poisoned; poisoned-weights: the model may be.
+    scenario: Literal["poisoned-data", "poisoned-weights"] = "poisoned-data"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     attack: AttackConfig = NoAttackConfig()
@@ -41,12 +37,15 @@ class RunConfig(StrictModel):
     # Record the Fourier analysis of the clean and backdoor mappings during training (evaluator side).
     fourier: FourierConfig | None = None
 
-    @property
-    def run_dir(self) -> Path:
-        return self.output_dir / self.name
+
+def _task(value: Any) -> str:
+    return value.get("task", "classification") if isinstance(value, dict) else value.task
 
 
-AnyRunConfig = Union[RunConfig, "LLMRunConfig"]
+AnyRunConfig = Annotated[
+    Annotated[RunConfig, Tag("classification")] | Annotated[LLMRunConfig, Tag("generation")], Discriminator(_task)
+]
+RUN_CONFIG: TypeAdapter[AnyRunConfig] = TypeAdapter(AnyRunConfig)
 
 
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -71,14 +70,12 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
 
 
 def validate(tree: dict[str, Any], source: str) -> AnyRunConfig:
-    """A classification run, or a generative one when the tree says ``task: generation``."""
-    from cleantune.generative.config import LLMRunConfig
-
+    """A run config of the task ``tree`` names (``task``, default classification)."""
     try:
-        return (LLMRunConfig if tree.get("task") == "generation" else RunConfig).model_validate(tree)
+        return RUN_CONFIG.validate_python(tree)
     except ValidationError as err:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'task'}: {e['msg']}"  # loc[0]: the task's tag
             + (f" ({e['input']!r})" if e["type"] == "extra_forbidden" else "")
             for e in err.errors()
         )

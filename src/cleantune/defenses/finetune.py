@@ -13,4 +13,4 @@ class FineTuneConfig(StrictModel):
 
 
 class FullFineTune(Defense):
-    scenarios = frozenset({"poisoned-data", "poisoned-weights", "poisoned-llm"})
+    scenarios = frozenset({"poisoned-data", "poisoned-weights"})

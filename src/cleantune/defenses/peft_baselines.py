@@ -76,7 +76,7 @@ def task_type(ctx: DefenseContext) -> TaskType:
 
 
 class PeftBaseline(Defense):
-    scenarios = frozenset({"poisoned-data", "poisoned-weights", "poisoned-llm"})
+    scenarios = frozenset({"poisoned-data", "poisoned-weights"})
 
     def peft_config(self, ctx: DefenseContext) -> PeftConfig:
         if isinstance(self.cfg, LoraFamilyConfig):

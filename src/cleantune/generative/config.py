@@ -3,7 +3,6 @@ classification one and dispatched on ``task`` by :func:`cleantune.config.validat
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, PositiveInt
@@ -20,7 +19,7 @@ from cleantune.generative.sft import SFT, SFTConfig
 from cleantune.generative.signature_purification import SignatureConfig, SignaturePurification
 from cleantune.models import ModelConfig
 from cleantune.offline import SMOLLM2_ID
-from cleantune.schema import StrictModel
+from cleantune.schema import RunBase, StrictModel
 from cleantune.training import TrainConfig
 
 
@@ -55,11 +54,8 @@ class LLMTrainConfig(TrainConfig):
     logging_steps: PositiveInt = 10
 
 
-class LLMRunConfig(StrictModel):
+class LLMRunConfig(RunBase):
     task: Literal["generation"] = "generation"
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.=+-]+$")
-    output_dir: Path = Path("runs")
-    seed: int = 42
     # poisoned-data: train on the poisoned instruction set (backdoor injection, or a defense that
     # trains on untrusted data); poisoned-llm: a suspicious model and the defender's clean samples.
     scenario: Literal["poisoned-data", "poisoned-llm"] = "poisoned-llm"
@@ -69,10 +65,6 @@ class LLMRunConfig(StrictModel):
     defense: LLMDefenseConfig = NoDefenseConfig()
     train: LLMTrainConfig = LLMTrainConfig()
     eval: LLMEvalConfig = LLMEvalConfig()
-
-    @property
-    def run_dir(self) -> Path:
-        return self.output_dir / self.name
 
 
 def build_llm_defense(cfg: LLMDefenseConfig) -> LLMDefense:
