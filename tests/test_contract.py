@@ -4,15 +4,15 @@ it does not declare is refused."""
 
 from __future__ import annotations
 
-import typing
-
 import pytest
 from conftest import TRIGGERS, record_contexts, run_tree
 
 from cleantune import defenses
 from cleantune.config import validate
+from cleantune.defenses.rora import RoRAConfig
 from cleantune.dispatch import evaluate, run
 from cleantune.errors import CleantuneError
+from cleantune.registry import config_names
 
 LORA = {"name": "lora", "r": 2}
 # name -> (defense section, the model fixture it trains); tiny settings, one epoch.
@@ -33,12 +33,13 @@ CASES: dict[str, tuple[dict, str]] = {
 SCENARIOS = ("poisoned-data", "poisoned-weights")
 
 
-def registered() -> set[str]:
-    return {n for config in defenses.REGISTRY for n in typing.get_args(config.model_fields["name"].annotation)}
-
-
 def test_the_table_holds_every_registered_defense():
-    assert set(CASES) == registered()
+    assert set(CASES) == set(defenses.CLASSIFICATION.names())
+
+
+def test_a_name_registers_once():
+    with pytest.raises(ValueError, match=r"classification defense name\(s\) \['rora'\] registered twice"):
+        defenses.CLASSIFICATION.register(RoRAConfig, defenses.REGISTRY[RoRAConfig])
 
 
 def tree_for(name: str, request: pytest.FixtureRequest, data_dir, tmp_path, scenario: str) -> dict:
@@ -58,7 +59,7 @@ def tree_for(name: str, request: pytest.FixtureRequest, data_dir, tmp_path, scen
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_defense_keeps_the_contract(name, request, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CLEANTUNE_CACHE", str(tmp_path / "cache"))
-    config_class = next(c for c in defenses.REGISTRY if name in typing.get_args(c.model_fields["name"].annotation))
+    config_class = next(c for c in defenses.REGISTRY if name in config_names(c))
     declared = defenses.REGISTRY[config_class].scenarios
     scenario = next(s for s in SCENARIOS if s in declared)
     seen = record_contexts(monkeypatch, config_class)

@@ -6,16 +6,13 @@ from __future__ import annotations
 import typing
 
 from cleantune.attacks import AttackConfig
-from cleantune.defenses import REGISTRY
+from cleantune.defenses import CLASSIFICATION
 from cleantune.generative.attacks import LLMAttackConfig
-from cleantune.generative.config import LLM_DEFENSES
+from cleantune.generative.config import GENERATION
 from cleantune.offline import offline_models
+from cleantune.registry import config_names
 
 Rows = list[tuple[str, ...]]
-
-
-def _names(config: type) -> list[str]:
-    return list(typing.get_args(config.model_fields["name"].annotation))
 
 
 def _union(annotated: object) -> tuple[type, ...]:
@@ -23,22 +20,16 @@ def _union(annotated: object) -> tuple[type, ...]:
 
 
 def defenses() -> Rows:
-    rows = [
-        (name, "classification", ", ".join(sorted(cls.scenarios)))
-        for cfg, cls in REGISTRY.items()
-        for name in _names(cfg)
+    return [
+        (name, registry.task, ", ".join(sorted(defense.scenarios)))
+        for registry in (CLASSIFICATION, GENERATION)
+        for name, defense in registry.names().items()
     ]
-    rows += [
-        (name, "generation", ", ".join(sorted(cls.scenarios)))
-        for cfg, cls in LLM_DEFENSES.items()
-        for name in _names(cfg)
-    ]
-    return rows
 
 
 def attacks() -> Rows:
-    classification = [(n, "classification") for cfg in _union(AttackConfig) for n in _names(cfg) if n != "none"]
-    generation = [(n, "generation") for n in _names(LLMAttackConfig)]
+    classification = [(n, "classification") for cfg in _union(AttackConfig) for n in config_names(cfg) if n != "none"]
+    generation = [(n, "generation") for n in config_names(LLMAttackConfig)]
     return classification + generation
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from cleantune.defenses.base import DefenseContext, Victim
 from cleantune.defenses.data_level import DataLevelDefense, Under, deletion_variants, words
 from cleantune.defenses.finetune import FineTuneConfig
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 
@@ -61,3 +62,6 @@ class Bki(DataLevelDefense):
         self.decided = {"keywords": {w: scores[w] for w in ranked}}
         found = set(ranked)
         return np.array([not found.intersection(w.lower() for w in words(text)) for text in texts])
+
+
+CLASSIFICATION.register(BkiConfig, Bki)

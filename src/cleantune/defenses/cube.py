@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from cleantune.defenses.base import DefenseContext, Victim
 from cleantune.defenses.data_level import DataLevelDefense, Under
 from cleantune.defenses.finetune import FineTuneConfig
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 
@@ -64,3 +65,6 @@ class Cube(DataLevelDefense):
         assigned = clusters(features, cfg.components, cfg.min_cluster_size, cfg.min_samples)
         self.decided = {"clusters": int(assigned.max() + 1), "noise": int((assigned < 0).sum())}
         return main_clusters(np.asarray(ctx.train["label"]), assigned)
+
+
+CLASSIFICATION.register(CubeConfig, Cube)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from cleantune.defenses.base import Defense
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 
@@ -14,3 +15,6 @@ class FineTuneConfig(StrictModel):
 
 class FullFineTune(Defense):
     scenarios = frozenset({"poisoned-data", "poisoned-weights"})
+
+
+CLASSIFICATION.register(FineTuneConfig, FullFineTune)

@@ -33,6 +33,7 @@ from transformers import DataCollatorWithPadding
 
 from cleantune.defenses.base import Defense, DefenseContext
 from cleantune.errors import CleantuneError
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 from cleantune.training import StepInfo
 
@@ -277,3 +278,6 @@ def _attention_targets(model: nn.Module) -> list[str]:
     if model_type not in TARGETS:
         raise CleantuneError(f"no default LoRA targets for model type '{model_type}'; set defense.lora_targets")
     return list(TARGETS[model_type])
+
+
+CLASSIFICATION.register(MuScleLoRAConfig, MuScleLoRA)

@@ -28,6 +28,7 @@ from cleantune.defenses.data_level import DataLevelDefense, Under, accuracy, del
 from cleantune.defenses.finetune import FineTuneConfig
 from cleantune.models import load_model
 from cleantune.offline import SMOLLM2_ID, cache_dir
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 # Grid of candidate thresholds, as quantiles of the clean dev words' suspicion.
@@ -158,3 +159,6 @@ class Onion(DataLevelDefense):
             raise RuntimeError("ONION screens inputs only after calibrate() has chosen its threshold")
         cleaned = self.filtered(texts, self.word_suspicion(texts), self.threshold)
         return Screened(cleaned, np.zeros(len(texts), dtype=bool))
+
+
+CLASSIFICATION.register(OnionConfig, Onion)

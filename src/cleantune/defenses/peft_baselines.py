@@ -23,6 +23,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from cleantune.defenses.base import Defense, DefenseContext
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 
@@ -85,3 +86,7 @@ class PeftBaseline(Defense):
 
     def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
         return get_peft_model(model, self.peft_config(ctx))
+
+
+CLASSIFICATION.register(LoraFamilyConfig, PeftBaseline)
+CLASSIFICATION.register(VirtualTokenConfig, PeftBaseline)

@@ -25,6 +25,7 @@ from cleantune.defenses.base import DefenseContext, Screened, Victim
 from cleantune.defenses.data_level import DataLevelDefense, Under, dev_sample, low_threshold
 from cleantune.defenses.finetune import FineTuneConfig
 from cleantune.errors import CleantuneError
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 
@@ -142,3 +143,6 @@ class Rap(DataLevelDefense):
             raise RuntimeError("RAP screens inputs only after calibrate() has learned its perturbation")
         protected = victim.probs(texts).argmax(axis=1) == self.cfg.protect_label
         return Screened(list(texts), protected & (self.drops(victim, texts) < self.threshold))
+
+
+CLASSIFICATION.register(RapConfig, Rap)

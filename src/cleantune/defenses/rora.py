@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 from cleantune.defenses.base import Defense, DefenseContext
 from cleantune.defenses.peft_baselines import ADAPTER, LoraFamilyConfig, lora_config, lora_layers, task_type
 from cleantune.errors import CleantuneError
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 BLOCK_INDEX = re.compile(r"\.(\d+)\.")
@@ -165,3 +166,6 @@ class RoRA(Defense):
 
     def info(self) -> dict[str, Any]:
         return {"rescale": self.scales} if self.scales else {}
+
+
+CLASSIFICATION.register(RoRAConfig, RoRA)

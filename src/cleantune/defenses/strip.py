@@ -20,6 +20,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from cleantune.defenses.base import DefenseContext, Screened, Victim
 from cleantune.defenses.data_level import DataLevelDefense, Under, dev_sample, low_threshold, words
 from cleantune.defenses.finetune import FineTuneConfig
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 
@@ -89,3 +90,6 @@ class Strip(DataLevelDefense):
         if self.threshold is None:
             raise RuntimeError("STRIP screens inputs only after calibrate() has set its threshold")
         return Screened(list(texts), self.entropies(victim, texts) < self.threshold)
+
+
+CLASSIFICATION.register(StripConfig, Strip)

@@ -42,6 +42,7 @@ from cleantune.defenses.peft_baselines import (
 from cleantune.io import atomic_dir, atomic_write_json, read_json
 from cleantune.models import load_model
 from cleantune.offline import MINILM_ID, cache_dir
+from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 from cleantune.training import SIDE, SideEncoding, TrainConfig, build_trainer, fit, tokenize
 
@@ -206,3 +207,6 @@ class W2SDefense(Defense):
         record = self.teacher_record
         # A reused teacher's training time is still part of the defense's cost, paid once.
         return {f"teacher_{k}": record[k] for k in ("train_s", "reused", "dev_accuracy")}
+
+
+CLASSIFICATION.register(W2SDefenseConfig, W2SDefense)

@@ -3,22 +3,25 @@ classification one and dispatched on ``task`` by :func:`cleantune.config.validat
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
 from cleantune.defenses.base import Scenario
+from cleantune.generative import (  # noqa: F401 - imported to register
+    crow,
+    pruning,
+    quantization,
+    sft,
+    signature_purification,
+)
 from cleantune.generative.attacks import LLMAttackConfig
 from cleantune.generative.base import LLMDefense
-from cleantune.generative.crow import CROW, CROWConfig
 from cleantune.generative.evaluation import LLMEvalConfig
 from cleantune.generative.instructions import InstructionDataConfig
-from cleantune.generative.pruning import PruneConfig, Pruning
-from cleantune.generative.quantization import Quantization, QuantizeConfig
-from cleantune.generative.sft import SFT, SFTConfig
-from cleantune.generative.signature_purification import SignatureConfig, SignaturePurification
 from cleantune.models import ModelConfig
 from cleantune.offline import SMOLLM2_ID
+from cleantune.registry import GENERATION
 from cleantune.schema import RunBase, StrictModel
 from cleantune.training import TrainConfig
 
@@ -33,11 +36,9 @@ class NoDefense(LLMDefense):
     scenarios: ClassVar[frozenset[Scenario]] = frozenset({"poisoned-llm"})
 
 
-# Each config class with the defense it builds; a config's ``name`` picks it.
-_CONFIGS = (NoDefenseConfig, SFTConfig, PruneConfig, QuantizeConfig, CROWConfig, SignatureConfig)
-_CLASSES = (NoDefense, SFT, Pruning, Quantization, CROW, SignaturePurification)
-LLMDefenseConfig = Annotated[Union[_CONFIGS], Field(discriminator="name")]  # noqa: UP007 - a union built from a tuple
-LLM_DEFENSES: dict[type, type[LLMDefense]] = dict(zip(_CONFIGS, _CLASSES, strict=True))
+GENERATION.register(NoDefenseConfig, NoDefense)
+LLMDefenseConfig = GENERATION.union()  # every generative defense module is imported above
+LLM_DEFENSES = GENERATION.defenses
 
 
 class LLMModelConfig(ModelConfig):
@@ -67,5 +68,5 @@ class LLMRunConfig(RunBase):
     eval: LLMEvalConfig = LLMEvalConfig()
 
 
-def build_llm_defense(cfg: LLMDefenseConfig) -> LLMDefense:
-    return LLM_DEFENSES[type(cfg)](cfg)
+def build_llm_defense(cfg: object) -> LLMDefense:
+    return GENERATION.build(cfg)

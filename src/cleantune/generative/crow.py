@@ -18,6 +18,7 @@ from torch import nn
 from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense
 from cleantune.generative.sft import LLMLoraConfig, add_lora
+from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
 
@@ -58,3 +59,6 @@ class CROW(LLMDefense):
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()
+
+
+GENERATION.register(CROWConfig, CROW)

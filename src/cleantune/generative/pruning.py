@@ -20,6 +20,7 @@ from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense, decoder_layers, mlp_channels
 from cleantune.generative.instructions import prompt_ids
 from cleantune.generative.sft import LLMLoraConfig, trainable_model
+from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
 
@@ -98,3 +99,6 @@ class Pruning(LLMDefense):
 
     def info(self) -> dict[str, Any]:
         return {"pruned_modules": len(self.pruned)}
+
+
+GENERATION.register(PruneConfig, Pruning)

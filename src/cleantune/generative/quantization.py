@@ -17,6 +17,7 @@ from torch import nn
 
 from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense, decoder_layers
+from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
 
@@ -55,3 +56,6 @@ class Quantization(LLMDefense):
 
     def info(self) -> dict[str, Any]:
         return {"quantized_layers": self.layers, "bits": self.cfg.bits}
+
+
+GENERATION.register(QuantizeConfig, Quantization)

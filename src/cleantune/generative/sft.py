@@ -16,6 +16,7 @@ from torch import nn
 
 from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense
+from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
 
@@ -63,3 +64,6 @@ class SFT(LLMDefense):
 
     def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:  # type: ignore[override]
         return trainable_model(model, self.cfg.method, self.cfg.lora)
+
+
+GENERATION.register(SFTConfig, SFT)

@@ -47,6 +47,7 @@ from cleantune.generative.sft import LLMLoraConfig, trainable_model
 from cleantune.io import atomic_write_text
 from cleantune.models import load_model, resolve
 from cleantune.offline import cache_dir
+from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
 ScoreMode = Literal["combined", "norm", "alignment"]
@@ -333,3 +334,6 @@ class SignaturePurification(LLMDefense):
 
     def info(self) -> dict[str, Any]:
         return self.decided
+
+
+GENERATION.register(SignatureConfig, SignaturePurification)
