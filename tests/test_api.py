@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 import cleantune
-from cleantune.api import detect_task, purify_tree, verdict
+from cleantune.api import detect_task, purify_tree, utility_warning, verdict
 from cleantune.config import validate
 from cleantune.generative.config import LLMRunConfig
 
@@ -39,3 +39,9 @@ def test_the_python_api_is_importable_from_the_package():
     assert callable(cleantune.purify) and callable(cleantune.train) and callable(cleantune.run)
     with pytest.raises(AttributeError):
         cleantune.nothing  # noqa: B018
+
+
+def test_a_purification_that_costs_clean_accuracy_is_flagged():
+    assert utility_warning({"cacc": 80.0}, {"cacc": 76.0}) is None
+    warning = utility_warning({"cacc": 77.5}, {"cacc": 47.5})
+    assert warning and "fell from 77.50 to 47.50" in warning and "not a usable model" in warning

@@ -1,4 +1,4 @@
-"""One table, every registered classification defense through the same contract: it sees only what
+"""One table per task, every registered defense through the same contract: it sees only what
 its threat model allows, its saved product reloads to the metrics the run reported, and a scenario
 it does not declare is refused."""
 
@@ -12,6 +12,7 @@ from cleantune.config import validate
 from cleantune.defenses.rora import RoRAConfig
 from cleantune.dispatch import evaluate, run
 from cleantune.errors import CleantuneError
+from cleantune.generative.config import GENERATION
 from cleantune.registry import config_names
 
 LORA = {"name": "lora", "r": 2}
@@ -79,5 +80,61 @@ def test_every_defense_keeps_the_contract(name, request, data_dir, tmp_path, mon
 
     for other in set(SCENARIOS) - set(declared):
         refused = validate(tree_for(name, request, data_dir, tmp_path / "x", other), "contract")
+        with pytest.raises(CleantuneError, match=f"does not handle scenario '{other}'"):
+            run(refused)
+
+
+# Generative defenses: name -> defense section, on the tiny chat Llama given as a full model.
+LLM_CASES: dict[str, dict] = {
+    "none": {"name": "none"},
+    "sft": {"name": "sft", "lora": {"r": 4, "alpha": 8}},
+    "prune": {"name": "prune", "criterion": "activation", "fine_tune": True},
+    "quantize": {"name": "quantize", "bits": 4, "group_size": 16},
+    "crow": {"name": "crow", "lora": {"r": 2}},
+    "signature": {
+        "name": "signature",
+        "variants": 2,
+        "variant_samples": 6,
+        "fine_tune_samples": 4,
+        "variant_train": {"epochs": 1, "batch_size": 4},
+    },
+}
+LLM_SCENARIOS = ("poisoned-llm", "poisoned-data")
+
+
+def test_the_generative_table_holds_every_registered_defense():
+    assert set(LLM_CASES) == set(GENERATION.names())
+
+
+@pytest.mark.parametrize("name", sorted(LLM_CASES))
+def test_every_generative_defense_keeps_the_contract(name, tiny_chat_llama, tmp_path, monkeypatch):
+    from test_generative import _tree
+
+    monkeypatch.setenv("CLEANTUNE_CACHE", str(tmp_path / "cache"))
+    cls = GENERATION.names()[name]
+    scenario = next(s for s in LLM_SCENARIOS if s in cls.scenarios)
+    seen = []
+    original = cls.prepare
+
+    def recording(self, model, ctx):
+        seen.append(ctx)
+        return original(self, model, ctx)
+
+    monkeypatch.setattr(cls, "prepare", recording)
+    cfg = validate(_tree(tiny_chat_llama, tmp_path, scenario=scenario, defense=LLM_CASES[name]), "contract")
+    record = run(cfg)
+
+    assert seen, "the defense was never prepared"
+    for ctx in seen:  # the defender's instructions as it holds them: no trigger, no record of poisons
+        assert set(ctx.train.column_names) <= {"instruction", "input", "output"}
+        if scenario == "poisoned-llm":
+            assert not any("BadMagic" in row for row in ctx.train["instruction"])
+        assert not any(isinstance(value, (list, set, dict)) for value in vars(ctx).values())
+    if record["product"]:  # "none" changes nothing and saves nothing
+        again = evaluate(cfg, record["product"])
+        assert {k: again[k] for k in ("asr", "ftr")} == {k: record["metrics"][k] for k in ("asr", "ftr")}
+        assert again["ppl"] == pytest.approx(record["metrics"]["ppl"], rel=1e-4)
+    for other in set(LLM_SCENARIOS) - set(cls.scenarios):
+        refused = validate(_tree(tiny_chat_llama, tmp_path / "x", scenario=other, defense=LLM_CASES[name]), "contract")
         with pytest.raises(CleantuneError, match=f"does not handle scenario '{other}'"):
             run(refused)

@@ -179,3 +179,16 @@ def test_a_purified_adapter_loads_with_plain_peft_onto_the_same_base(tiny_tree, 
     loaded = load_model(str(product), num_labels=2)
     assert torch.equal(loaded.model.eval()(**tok(texts, return_tensors="pt", padding=True)).logits.argmax(-1), logits)
     assert evaluate(cfg, str(product))["cacc"] == pytest.approx(record["metrics"]["cacc"])
+
+
+def test_a_product_names_its_base_by_the_hub_id_given_not_where_its_copy_lies(tiny_tree, tiny_bert, monkeypatch):
+    from cleantune import models
+
+    monkeypatch.setitem(models.PACKAGED, "org/tiny-bert", lambda: tiny_bert)  # offline copy of a hub id
+    cfg = config(tiny_tree, model={"spec": "org/tiny-bert", "max_length": 32})
+    product = run(cfg)["product"]
+    assert json.loads((cfg.run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "org/tiny-bert"
+    )
+    assert "base_model: org/tiny-bert" in (cfg.run_dir / "adapter" / "README.md").read_text()
+    assert evaluate(cfg, product)["cacc"] >= 0  # and it loads back through that id

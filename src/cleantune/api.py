@@ -5,6 +5,7 @@ run``) with the method that cleantune's own benchmarks support for that threat."
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from cleantune.errors import CleantuneError
 from cleantune.models import resolve
 from cleantune.offline import MINILM_ID
 
+log = logging.getLogger("cleantune")
 Task = Literal["classification", "generation"]
 METHODS = Path(__file__).parent / "defaults" / "methods.yaml"
 
@@ -49,9 +51,25 @@ def _finish(tree: dict[str, Any], overrides: list[str] | None, force: bool, befo
     cfg = validate(tree, "purify/train options")
     record = run_pipeline(cfg, force=force)
     if before is not None and record.get("product"):
-        record = {**record, "before": before}
+        record = {**record, "before": before, "warning": utility_warning(before, record["metrics"])}
         describe(Path(record["product"]), record, cfg.model_dump(mode="json"))
+        if record["warning"]:
+            log.warning(record["warning"])
     return record
+
+
+UTILITY_DROP = 5.0  # points of clean accuracy a purification may cost before the product is flagged
+
+
+def utility_warning(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """A warning when purifying cost more than ``UTILITY_DROP`` points of clean accuracy."""
+    drop = before["cacc"] - after["cacc"]
+    if drop <= UTILITY_DROP:
+        return None
+    return (
+        f"clean accuracy fell from {before['cacc']:.2f} to {after['cacc']:.2f}: this product is not a usable "
+        "model; try more clean data, more epochs (--set train.epochs=N) or another --method"
+    )
 
 
 def purify_tree(suspicious: str, clean_data: str | Path, out: str | Path, method: str | None, seed: int) -> dict:

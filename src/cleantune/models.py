@@ -167,8 +167,11 @@ def merged_adapter(loaded: Loaded) -> Loaded:
     return Loaded(loaded.model.merge_and_unload(), loaded.tokenizer, loaded.path, loaded.base_id, from_adapter=True)
 
 
-def load_model(spec: str | Path, num_labels: int | None = None, allow_pickle: bool = False) -> Loaded:
-    """A sequence classifier when ``num_labels`` is given, else a causal LM."""
+def load_model(
+    spec: str | Path, num_labels: int | None = None, allow_pickle: bool = False, named: str | None = None
+) -> Loaded:
+    """A sequence classifier when ``num_labels`` is given, else a causal LM. ``named``: the spec the
+    user gave, when ``spec`` is where it was already resolved to (a product names that as its base)."""
     path = resolve(str(spec), allow_pickle)
     if (path / "adapter_config.json").exists():
         return _load_adapter(path, num_labels, allow_pickle)
@@ -182,4 +185,4 @@ def load_model(spec: str | Path, num_labels: int | None = None, allow_pickle: bo
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(model, tokenizer, path, base_id(str(spec)))
+    return Loaded(model, tokenizer, path, base_id(named or str(spec)))

@@ -143,9 +143,7 @@ def load_start(prepared: Prepared) -> Loaded:
     """The model the defense starts from (a suspicious adapter merged into its base), its head
     named after the task's labels so the product describes itself."""
     cfg, labels = prepared.cfg, prepared.splits.label_names
-    loaded = merged_adapter(
-        load_model(prepared.model_path, num_labels=len(labels), allow_pickle=cfg.model.allow_pickle)
-    )
+    loaded = merged_adapter(load_model(prepared.model_path, len(labels), cfg.model.allow_pickle, named=cfg.model.spec))
     loaded.model.config.id2label = dict(enumerate(labels))
     loaded.model.config.label2id = {name: i for i, name in enumerate(labels)}
     return loaded

@@ -160,6 +160,7 @@ def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
         f"defense (threat model `{record['scenario']}`) from `{config['model']['spec']}`.",
         "",
         *([f"- Labels: {', '.join(record['labels'])}"] if record.get("labels") else []),
+        *([f"- **Warning**: {record['warning']}"] if record.get("warning") else []),
         *([f"- Before: {_figures(before)}"] if before is not None else []),
         f"- After: {_figures(record.get('metrics'))}",
         f"- Training data: {record.get('n_train', '?')} rows, SHA-256 `{record.get('data_sha256', '-')}`",

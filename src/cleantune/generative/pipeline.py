@@ -95,7 +95,7 @@ def execute(prepared: LLMPrepared) -> dict[str, Any]:
     run_dir = open_run_dir(cfg, attack, prepared.poisoned_idx)
 
     set_seed(cfg.seed)
-    loaded = load_model(prepared.model_path, allow_pickle=cfg.model.allow_pickle)
+    loaded = load_model(prepared.model_path, allow_pickle=cfg.model.allow_pickle, named=cfg.model.spec)
     defense, tokenizer, max_length = prepared.defense, loaded.tokenizer, cfg.model.max_length
     adapter_only = isinstance(loaded.model, PeftModel)
     ctx = LLMContext(prepared.train, tokenizer, max_length, adapter_only, cfg.seed, prepared.model_path)
