@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cleantune.config import AnyRunConfig, load_config, parse_overrides, set_path, validate
+from cleantune.config import AnyRunConfig, load_config, overridden, validate
 from cleantune.errors import CleantuneError
 from cleantune.models import resolve
 from cleantune.offline import MINILM_ID
@@ -42,13 +42,10 @@ def _run_location(out: Path) -> dict[str, str]:
     return {"output_dir": str(out.parent), "name": out.name}
 
 
-def _finish(tree: dict[str, Any], overrides: list[str] | None, force: bool, before: dict | None = None) -> dict:
+def _finish(cfg: AnyRunConfig, force: bool, before: dict | None = None) -> dict:
     from cleantune.dispatch import run as run_pipeline
     from cleantune.product import describe
 
-    for key, value in parse_overrides(overrides or []):
-        set_path(tree, key, value)
-    cfg = validate(tree, "purify/train options")
     record = run_pipeline(cfg, force=force)
     if before is not None and record.get("product"):
         record = {**record, "before": before, "warning": utility_warning(before, record["metrics"])}
@@ -104,11 +101,10 @@ def purify(
     """
     from cleantune.dispatch import evaluate
 
-    tree = purify_tree(suspicious, clean_data, out, method, seed)
-    cfg = validate(tree, "purify options")
-    fresh = tree.get("task") != "generation" and not (cfg.run_dir / "metrics.json").exists()
-    before = evaluate(cfg, suspicious) if fresh else None
-    return _finish(tree, overrides, force, before)
+    cfg = validate(overridden(purify_tree(suspicious, clean_data, out, method, seed), overrides), "purify options")
+    fresh = cfg.task == "classification" and not (cfg.run_dir / "metrics.json").exists()
+    before = evaluate(cfg, suspicious) if fresh else None  # on the same clean test split as after
+    return _finish(cfg, force, before)
 
 
 def train(
@@ -131,7 +127,7 @@ def train(
     tree = {**_run_location(Path(out)), "seed": seed, "scenario": "poisoned-data", "model": {"spec": model}}
     tree |= method_settings("classification", "poisoned-data", method)
     tree |= {"data": {"dataset": "local", **{k: str(Path(v).resolve()) for k, v in files.items()}}}
-    return _finish(tree, overrides, force)
+    return _finish(validate(overridden(tree, overrides), "train options"), force)
 
 
 def run(
@@ -143,10 +139,7 @@ def run(
     if isinstance(config, (str, Path)):
         cfg = load_config(Path(config), overrides)
     elif isinstance(config, dict):
-        tree = dict(config)
-        for key, value in parse_overrides(overrides or []):
-            set_path(tree, key, value)
-        cfg = validate(tree, "run config")
+        cfg = validate(overridden(config, overrides), "run config")
     else:
         if overrides:
             raise CleantuneError("overrides go with a config path or mapping, not a validated config")

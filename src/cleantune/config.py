@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -69,6 +70,14 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def overridden(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``tree`` with each ``key.path=value`` override set (nested sections are copied, not shared)."""
+    tree = copy.deepcopy(tree)
+    for key, value in parse_overrides(overrides or []):
+        set_path(tree, key, value)
+    return tree
+
+
 def validate(tree: dict[str, Any], source: str) -> AnyRunConfig:
     """A run config of the task ``tree`` names (``task``, default classification)."""
     try:
@@ -104,9 +113,7 @@ def made_differently(cfg: AnyRunConfig) -> list[str]:
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> AnyRunConfig:
     path = path or DEFAULT_CONFIG
-    tree = read_yaml(path)
-    for key, value in parse_overrides(overrides or []):
-        set_path(tree, key, value)
+    tree = overridden(read_yaml(path), overrides)
     return validate(anchored(tree, Path(path).parent), str(path))
 
 
