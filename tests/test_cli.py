@@ -192,3 +192,13 @@ def test_pickle_weights_are_refused_before_the_run_directory_opens(tmp_path: Pat
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 2 and "pickle weights (pytorch_model.bin)" in result.stderr
     assert not (Path(tiny_tree["output_dir"]) / "tiny").exists()
+
+
+def test_a_training_set_filter_run_shows_its_undefended_reference_beside_it(tmp_path: Path, tiny_tree):
+    path = tmp_path / "c.yaml"
+    cube = {"name": "cube", "under": {"name": "lora", "r": 2}, "min_cluster_size": 10}
+    path.write_text(yaml.safe_dump({**tiny_tree, "defense": cube, "train": {"epochs": 1, "batch_size": 16}}))
+    result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "lora (undefended)" in result.stdout and "cube" in result.stdout
+    assert any(line.startswith("cube ") and "ASR" in line for line in result.stdout.splitlines())  # the verdict

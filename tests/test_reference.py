@@ -13,3 +13,4 @@ def test_the_reference_names_every_section_and_defense():
     text = reference()
     for section in ("`model`", "`data`", "`train`", "`defense` (RoRAConfig)", "`defense` (SignatureConfig)"):
         assert section in text
+    assert "| `triggers` | list[str] | `['cf', 'mn', 'bb', 'tq']` |" in text  # a default from a factory

@@ -38,6 +38,7 @@ def results() -> Console:
 
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Run config (YAML); default: the embedded demo config.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run again, replacing a run directory made by another config.")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config field: key.path=value (repeatable).")
 ]
@@ -130,9 +131,7 @@ def show_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 @app.command()
 @friendly
-def run(
-    config: ConfigArg = None, set_: SetOpt = None, force: bool = typer.Option(False, help="Rerun a finished run.")
-) -> None:
+def run(config: ConfigArg = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Attack -> defense -> train -> evaluate; results go to OUTPUT_DIR/NAME. A run directory made by
     another config is refused (--force replaces it); an interrupted run resumes."""
     cfg = any_config(config, set_)
@@ -164,7 +163,6 @@ def any_config(config: Path | None, overrides: list[str] | None) -> Any:
 
 
 MethodOpt = Annotated[str | None, typer.Option(help="Defense to use instead of the default for this threat.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace what OUT holds, even a run made by another config.")]
 
 
 def show_product(record: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import DataCollatorWithPadding, Trainer, set_seed
+from transformers import PreTrainedTokenizerBase, Trainer, set_seed
 
 from cleantune.analysis.fourier import FourierCallback, make_probe
 from cleantune.attacks import attack_data
@@ -168,19 +168,6 @@ def train_reference(prepared: Prepared, ctx: DefenseContext, out_dir: Path) -> V
     return Victim(trainer.model, loaded.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
 
 
-def score_plain(victim: Victim, prepared: Prepared) -> dict[str, Any]:
-    """CACC/ASR of a model as it is, no test-time screening (evaluator side)."""
-    cfg = prepared.cfg
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = build_trainer(victim.model, victim.tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
-
-        def predict_fn(data: Dataset) -> tuple[np.ndarray, None]:
-            return predict(trainer, tokenize(data, victim.tokenizer, cfg.model.max_length)), None
-
-        target = getattr(cfg.attack, "target_label", None)
-        return classification_metrics(predict_fn, prepared.eval_splits.test, prepared.eval_poisoned.test_poison, target)
-
-
 def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> tuple[DefenseContext, dict | None]:
     """The training data a data-filtering defense keeps. Its decision is saved with the run, so an
     interrupted run does not train the reference model again; detection precision and recall
@@ -198,8 +185,12 @@ def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> t
         if keep is None:
             return ctx, None
         decision = {"config_key": key, "keep": keep.tolist(), "info": prepared.defense.info()}
-        # The reference is the undefended model: its scores show what the filter changed.
-        decision["reference_metrics"] = score_plain(trained[0], prepared) if trained else None
+        # The reference is the undefended model: its scores show what the filter changed (a
+        # training-set filter screens no test input, so this is the model as it is).
+        reference_model = trained[0] if trained else None
+        decision["reference_metrics"] = (
+            score_model(reference_model.model, reference_model.tokenizer, prepared, ctx) if reference_model else None
+        )
         atomic_write_json(saved, decision)
     keep = np.asarray(decision["keep"], dtype=bool)
     poisoned = np.isin(np.asarray(prepared.poisoned.train["idx"]), prepared.poisoned.poisoned_idx)
@@ -224,10 +215,17 @@ def evaluate(cfg: RunConfig, spec: str) -> dict[str, Any]:
 
 def evaluate_loaded(prepared: Prepared, loaded: Loaded) -> dict[str, Any]:
     """CACC/ASR of a model in memory, for analyses that score one model under several edits."""
+    return score_model(loaded.model, loaded.tokenizer, prepared, defense_context(prepared, loaded))
+
+
+def score_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prepared: Prepared, ctx: DefenseContext
+) -> dict[str, Any]:
+    """CACC/ASR of a model outside its training run, through a throwaway Trainer."""
     cfg = prepared.cfg
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = build_trainer(loaded.model, loaded.tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
-        return score(trainer, prepared, defense_context(prepared, loaded))
+        trainer = build_trainer(model, tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
+        return score(trainer, prepared, ctx)
 
 
 @contextmanager
@@ -276,9 +274,8 @@ def execute(prepared: Prepared) -> dict[str, Any]:
     metrics = score(trainer, prepared, ctx)
     product = None
     if trainer.is_world_process_zero():
-        probe = DataCollatorWithPadding(loaded.tokenizer)(list(encode(ctx.dev.select(range(min(16, len(ctx.dev)))))))
-        probe.pop("labels", None)
-        delivered = as_delivered(trainer.model, loaded, prepared.splits.num_labels, dict(probe))
+        probe = ctx.dev["text"][:16]  # where an adapter handed back is checked against the purified model
+        delivered = as_delivered(trainer.model, loaded, prepared.splits.num_labels, probe, cfg.model.max_length)
         product = save_product(delivered, loaded, run_dir)
     record = {
         "metrics": metrics,

@@ -95,9 +95,9 @@ def max_logit_gap(one: nn.Module, other: nn.Module, batch: dict[str, torch.Tenso
     return float((one.eval()(**batch).logits - other.eval()(**batch).logits).abs().max())
 
 
-def as_delivered(model: nn.Module, loaded: Loaded, num_labels: int, probe: dict[str, torch.Tensor]) -> nn.Module:
+def as_delivered(model: nn.Module, loaded: Loaded, num_labels: int, probe: list[str], max_length: int) -> nn.Module:
     """The product in the form it came in: an adapter back onto its base when the suspicious model
-    was an adapter. The largest logit gap between the two forms on ``probe`` is logged."""
+    was an adapter. The largest logit gap between the two forms on the ``probe`` texts is logged."""
     if not loaded.from_adapter:
         return model
     tuned = plain(model)
@@ -108,7 +108,8 @@ def as_delivered(model: nn.Module, loaded: Loaded, num_labels: int, probe: dict[
         log.info("every layer changed (full fine-tuning): the product is a full model, not an adapter")
         return tuned.to(device)
     adapter = adapter.to(device)
-    gap = max_logit_gap(tuned.to(device), adapter, {k: v.to(device) for k, v in probe.items()})
+    batch = loaded.tokenizer(probe, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    gap = max_logit_gap(tuned.to(device), adapter, {k: v.to(device) for k, v in batch.items()})
     log.info(
         "the product is an adapter on %s again (largest logit gap to the purified model: %.2e)", loaded.base_id, gap
     )
@@ -129,12 +130,12 @@ def save_product(model: nn.Module, loaded: Loaded, run_dir: Path) -> Path:
     return save_atomically(target, save)
 
 
+NAMES = {"cacc": "clean accuracy", "asr": "attack success rate", "ftr": "false-trigger rate", "ppl": "perplexity"}
+
+
 def _figures(metrics: dict[str, Any] | None) -> str:
     shown = [f"{NAMES[k]} {metrics[k]:.2f}" for k in NAMES if metrics and metrics.get(k) is not None]
     return ", ".join(shown) or "not measured"
-
-
-NAMES = {"cacc": "clean accuracy", "asr": "attack success rate", "ftr": "false-trigger rate", "ppl": "perplexity"}
 
 
 def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
@@ -147,6 +148,8 @@ def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
     load = f'PeftModel.from_pretrained({auto}.from_pretrained("{base}"{labels}), {here})' if adapter else None
     load = load or f"{auto}.from_pretrained({here})"
     before = record.get("before")
+    code = ["from peft import PeftModel"] if adapter else []
+    code += [f"from transformers import {auto}", f"model = {load}"]
     lines = [
         "---",
         f"base_model: {base}",
@@ -167,12 +170,10 @@ def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
         "- Settings and the whole run record: `cleantune.json` beside this file.",
         "",
         "```python",
-        "from peft import PeftModel" if adapter else "",
-        f"from transformers import {auto}",
-        f"model = {load}",
+        *code,
         "```",
     ]
-    return "\n".join(line for i, line in enumerate(lines) if line or lines[i - 1] != "") + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def describe(product: Path, record: dict[str, Any], config: dict[str, Any]) -> None:

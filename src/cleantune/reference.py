@@ -4,12 +4,11 @@ cannot drift from them: ``python -m cleantune.reference > docs/config-reference.
 from __future__ import annotations
 
 import re
-import types
 import typing
 from collections.abc import Iterator
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from pydantic.fields import FieldInfo
 
 from cleantune.config import RunConfig
 from cleantune.generative.config import LLMRunConfig
@@ -29,18 +28,17 @@ def _type(annotation: object) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
     for noise in ("typing.", "pathlib.", "annotated_types.", "NoneType"):
         text = text.replace(noise, "None" if noise == "NoneType" else "")
-    text = re.sub(r"Optional\[(\w+), [^\]]*\]\]", r"\1 | None", text)  # PositiveInt | None
     text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)
     return re.sub(r"(\w+\.)+(\w+Config)", r"\2", text)
 
 
-def _default(field: object) -> str:
-    value = field.default  # type: ignore[attr-defined]
-    if value is PydanticUndefined:
+def _default(field: FieldInfo) -> str:
+    if field.is_required():
         return "required"
+    value = field.get_default(call_default_factory=True)  # a list default comes from a factory
     if isinstance(value, BaseModel):
         return f"{{name: {value.name}}}" if "name" in type(value).model_fields else "(section below)"
-    return f"`{value}`" if not isinstance(value, types.FunctionType) else "-"
+    return f"`{value}`"
 
 
 def _sections(model: type[BaseModel], path: str, seen: set[str]) -> Iterator[str]:
