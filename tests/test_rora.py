@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cleantune.cli import app
 from cleantune.config import validate
-from cleantune.defenses.rora import RoRA, RoRAConfig, orthogonality_penalty, top_blocks
+from cleantune.defenses.rora import RoRA, RoRAConfig, effective_weight, orthogonality_penalty, top_blocks
 from cleantune.dispatch import run
 from cleantune.models import load_model
 
@@ -78,6 +78,29 @@ def test_frozen_weight_dropout_acts_in_training_only(tiny_bert, data_dir, dropou
     torch.testing.assert_close(base.weight, weight)
 
 
+def test_the_full_subspace_reading_is_weight_decay(tiny_bert, data_dir):
+    defense, model, _ = prepared(tiny_bert, data_dir, subspace="full", penalty=1.0)
+    loss = float(defense.extra_loss(model, {}, None)["orthogonality"].detach())
+    decay = sum(
+        float((layer.lora_A["default"].weight.pow(2).sum() + layer.lora_B["default"].weight.pow(2).sum()).detach())
+        for layer in defense.layers.values()
+    )
+    assert loss == pytest.approx(decay, rel=1e-4)  # the tiny BERT's query/value weights are square
+
+
+@pytest.mark.parametrize(
+    ("names", "rescale_layers", "blocks"),
+    [
+        ([f"layer.{i}.q" for i in range(24)], 0.125, {21, 22, 23}),  # the paper: 3 of BERT-large's 24
+        ([f"layer.{i}.q" for i in range(6)], 0.125, {5}),  # MiniLM: one block, not half the model
+        ([f"layer.{i}.q" for i in range(6)], 3, {3, 4, 5}),
+        ([f"layer.{i}.q" for i in range(6)], 1.0, set(range(6))),
+    ],
+)
+def test_rescaled_blocks_by_count_or_share_of_depth(names, rescale_layers, blocks):
+    assert {int(n.split(".")[1]) for n in top_blocks(names, rescale_layers)} == blocks
+
+
 def test_rescaling_matches_the_top_blocks_to_the_pretrained_spectral_norm(tiny_bert, data_dir):
     defense, model, _ = prepared(tiny_bert, data_dir, rescale_layers=1)
     randomise_updates(defense)
@@ -92,6 +115,41 @@ def test_rescaling_matches_the_top_blocks_to_the_pretrained_spectral_norm(tiny_b
             assert sigma == pytest.approx(defense.sigma_pre[name], rel=1e-4)
         else:
             torch.testing.assert_close(delta, before[name])
+
+
+@pytest.mark.parametrize("variant", ["dora", "pissa", "olora"])
+def test_variants_rescale_the_change_of_the_merged_weight(tiny_bert, data_dir, variant):
+    defense, model, _ = prepared(tiny_bert, data_dir, variant=variant, rescale_layers=1.0, top_k=4)
+    # PiSSA and OLoRA start with the principal part in A and B: no change yet, no penalty.
+    at_start = float(defense.extra_loss(model, {}, None)["orthogonality"].detach())
+    assert (at_start == pytest.approx(0.0, abs=1e-6)) == (variant != "dora")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in defense.layers.values():
+            layer.lora_B["default"].weight.add_(0.05 * torch.randn_like(layer.lora_B["default"].weight))
+            if variant == "dora":
+                layer.lora_magnitude_vector["default"].weight.mul_(1.1)
+    assert float(defense.extra_loss(model, {}, None)["orthogonality"].detach()) > 0
+    defense.finalize(model)
+    for name, layer in defense.layers.items():
+        change = (effective_weight(layer) - defense.w_pre[name]).detach()
+        assert float(torch.linalg.matrix_norm(change, ord=2)) == pytest.approx(defense.sigma_pre[name], rel=1e-3)
+
+
+def test_dev_evaluation_sees_the_rescaled_model_and_training_resumes_unchanged(tiny_bert, data_dir):
+    defense, model, loaded = prepared(tiny_bert, data_dir, rescale_layers=1)
+    randomise_updates(defense)
+    model.eval()
+    batch = loaded.tokenizer(["good film", "bad plot here"], return_tensors="pt", padding=True)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = model(**batch).logits
+    with defense.as_evaluated(model):
+        evaluated = model(**batch).logits
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    defense.finalize(model)
+    torch.testing.assert_close(model(**batch).logits, evaluated)
+    assert not torch.allclose(evaluated, plain)
 
 
 def test_a_rora_adapter_saves_and_loads_back_to_the_same_outputs(tiny_bert, data_dir, tmp_path):

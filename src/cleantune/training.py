@@ -8,6 +8,7 @@ already reduced across processes). Checkpoints are selected on clean dev accurac
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +63,8 @@ class TrainingHooks(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
     def edit_gradients(self, model: nn.Module, step: StepInfo) -> None: ...
+
+    def as_evaluated(self, model: nn.Module) -> AbstractContextManager[None]: ...
 
 
 class TrainConfig(StrictModel):
@@ -176,6 +179,11 @@ class DefenseTrainer(Trainer):
             # Kept on the device: reading each step's value would stall a GPU every step.
             self._terms.setdefault(name, []).append(term.detach())
         return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        # Checkpoints are chosen on the model as the defense will deliver it (e.g. after a rescale).
+        with self.defense.as_evaluated(self.accelerator.unwrap_model(self.model)):
+            return super().evaluate(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)

@@ -2,10 +2,11 @@
 
 A defense declares the threat models (scenarios) it handles and what it needs beyond the training
 data. The pipeline builds a :class:`DefenseContext` holding only what that scenario allows: never
-the trigger, the record of poisoned examples, or the triggered test set. Hooks, in the order the
-trainer calls them: ``prepare`` (module replacement, PEFT wrapping), ``extra_loss`` (added to the
-task loss every step), ``edit_gradients`` (after gradients are accumulated and reduced across
-devices, before the optimizer step), ``finalize`` (post-training transform, before evaluation and
+the trigger, the record of poisoned examples, or the triggered test set. Hooks, in the order
+the trainer calls them: ``prepare`` (module replacement, PEFT wrapping), ``extra_loss`` (added to
+the task loss every step), ``edit_gradients`` (after gradients are accumulated and reduced across
+devices, before the optimizer step), ``as_evaluated`` (the model as ``finalize`` will deliver it,
+while dev data selects a checkpoint), ``finalize`` (post-training transform, before evaluation and
 saving). Defenses that act on data rather than on training add two more: ``filter_train`` (drop
 suspicious training samples before training; it may ask for a reference model trained on the
 unfiltered data) and ``calibrate`` / ``screen`` (test-time: fit thresholds on clean dev data, then
@@ -15,6 +16,7 @@ rewrite or reject each test input the trained model receives).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -138,6 +140,10 @@ class Defense:
 
     def edit_gradients(self, model: nn.Module, step: StepInfo) -> None:
         return None
+
+    def as_evaluated(self, model: nn.Module) -> AbstractContextManager[None]:
+        """While dev data is scored for checkpoint selection: ``model`` as ``finalize`` would deliver it."""
+        return nullcontext()
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
