@@ -351,3 +351,21 @@ def test_report_lays_out_defenses_and_attacks_in_suite_order_whatever_the_csv_or
     rows = [line.split(" |")[0] for line in table.splitlines() if line.startswith("| ") and "CACC" not in line]
     assert rows[:3] == [f"| {name}" for name in suite.defense]
     assert [c.coords["defense"] for c in order[:3]] != list(suite.defense)  # the CSV order differs
+
+
+def test_a_paper_suite_report_opens_with_its_protocol_then_the_papers_numbers(tmp_path, data_dir, tiny_bert):
+    protocol = [
+        {"setting": "epochs", "paper": "20", "used": "20"},
+        {"setting": "training set", "paper": "6,920", "used": "1,000", "why": "CPU time"},
+    ]
+    paper = {"source": "Table 2, BERT, SST-2", "rows": {"lora": {"badnet": {"cacc": 92.0, "asr": 99.7}}}}
+    path = write_suite(tmp_path, data_dir, tiny_bert, protocol=protocol, paper=paper, description="settings")
+    suite = load_suite(path)
+    record = {"metrics": {"cacc": 80.5, "asr": 12.25}, "wall_s": 10.0, "trainable_params": 8, "train": {}}
+    (tmp_path / "results").mkdir()
+    rows = [row_for(suite, c, record) for c in cells(suite)]
+    pd.DataFrame(rows).to_csv(tmp_path / "results" / "tiny.csv", index=False)
+    report = write_report(str(path))[0].read_text()
+    assert report.index("## Protocol") < report.index("## The paper's numbers") < report.index("settings")
+    assert "| epochs | 20 | 20 | – |" in report and "| training set | 6,920 | 1,000 | CPU time |" in report
+    assert "| lora | 92.00 / 80.50 | 99.70 / 12.25 |" in report

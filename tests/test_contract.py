@@ -86,7 +86,7 @@ def test_every_defense_keeps_the_contract(name, request, data_dir, tmp_path, mon
 
 # Generative defenses: name -> defense section, on the tiny chat Llama given as a full model.
 LLM_CASES: dict[str, dict] = {
-    "none": {"name": "none"},
+    "as-is": {"name": "as-is"},
     "sft": {"name": "sft", "lora": {"r": 4, "alpha": 8}},
     "prune": {"name": "prune", "criterion": "activation", "fine_tune": True},
     "quantize": {"name": "quantize", "bits": 4, "group_size": 16},
@@ -130,7 +130,7 @@ def test_every_generative_defense_keeps_the_contract(name, tiny_chat_llama, tmp_
         if scenario == "poisoned-llm":
             assert not any("BadMagic" in row for row in ctx.train["instruction"])
         assert not any(isinstance(value, (list, set, dict)) for value in vars(ctx).values())
-    if record["product"]:  # "none" changes nothing and saves nothing
+    if record["product"]:  # "as-is" changes nothing and saves nothing
         again = evaluate(cfg, record["product"])
         assert {k: again[k] for k in ("asr", "ftr")} == {k: record["metrics"][k] for k in ("asr", "ftr")}
         assert again["ppl"] == pytest.approx(record["metrics"]["ppl"], rel=1e-4)

@@ -287,7 +287,7 @@ def test_backdoor_then_defend_end_to_end(tiny_chat_llama: Path, tmp_path: Path) 
     answers = (tmp_path / "runs" / "tiny" / "answers.jsonl").read_text().splitlines()
     assert len(answers) == 12  # every prompt, empty answers included
 
-    for defense in ({"name": "none"}, {"name": "prune", "criterion": "activation", "fine_tune": True}):
+    for defense in ({"name": "as-is"}, {"name": "prune", "criterion": "activation", "fine_tune": True}):
         tree = _tree(
             tiny_chat_llama, tmp_path, scenario="poisoned-llm", name=f"defend-{defense['name']}", defense=defense
         )

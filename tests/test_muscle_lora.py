@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,12 +15,14 @@ from cleantune.defenses.muscle_lora import (
     MultiScaleLinear,
     MuScleLoRA,
     MuScleLoRAConfig,
+    _family,
     align,
     mix,
     mu_at,
 )
 from cleantune.dispatch import run
 from cleantune.models import load_model
+from cleantune.training import StepInfo
 
 
 def test_layer_output_is_frozen_base_plus_multi_scale_update():
@@ -74,6 +77,61 @@ def test_decoders_get_the_authors_two_layer_score_head(tiny_llama, data_dir):
     assert model(**batch).logits.shape == (2, 2)
 
 
+@pytest.mark.parametrize(
+    ("model_type", "width", "scales"),
+    [
+        ("bert", 768, [1, 4, 8, 12, 16, 20, 24, 28, 32]),  # Table 6, BERT-base
+        ("bert", 1024, [1, 2, 3, 4, 5, 6, 7, 8, 9]),  # BERT-large, not BERT-base's vector
+        ("roberta", 768, [1, 2, 4, 6, 8, 10, 12, 14, 16]),
+        ("roberta", 1024, [1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        ("llama", 4096, [1, 2, 3, 4]),
+    ],
+)
+def test_every_table_6_model_gets_its_own_scale_vector(model_type, width, scales, caplog):
+    model = SimpleNamespace(config=SimpleNamespace(model_type=model_type, hidden_size=width))
+    assert _family(model)[1] == scales and not caplog.records
+
+
+def test_a_width_table_6_lacks_falls_back_with_a_warning(caplog):
+    model = SimpleNamespace(config=SimpleNamespace(model_type="roberta", hidden_size=384))
+    assert _family(model)[1] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert "untuned" in caplog.text and "defense.scales" in caplog.text
+
+
+@pytest.mark.parametrize(("rule", "expect_raw"), [("aligned", False), ("raw", True)])
+def test_the_authors_open_gate_rule_before_the_alignment_epoch(tiny_bert, data_dir, rule, expect_raw):
+    loaded = load_model(str(tiny_bert), num_labels=2)
+    cfg = MuScleLoRAConfig(clean_aux=8, aux_batch_size=4, clean_every=2, open_gate_before_start=rule)
+    defense = MuScleLoRA(cfg)
+    model = defense.prepare(loaded.model, tiny_context(loaded.tokenizer, data_dir))
+    batch = loaded.tokenizer(["good film", "bad plot"], return_tensors="pt", padding=True)
+    model(**batch, labels=torch.tensor([1, 0])).loss.backward()
+    raw = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    # An open gate (clean loss below aux_loss_gate) with a clean gradient kept from the step before.
+    defense._clean_loss, defense._clean_grads = 0.0, [torch.randn_like(g) for g in raw]
+    step = StepInfo(epoch=0.5, num_epochs=10, global_step=1, reduce_mean=lambda t: t)
+    defense.edit_gradients(model, step)
+    after = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(after, raw, strict=True)) == expect_raw
+
+
+@pytest.mark.parametrize("rule", ["zero", "raw"])
+def test_a_tensor_without_clean_gradient_is_zeroed_or_kept_raw(tiny_bert, data_dir, rule):
+    loaded = load_model(str(tiny_bert), num_labels=2)
+    defense = MuScleLoRA(MuScleLoRAConfig(clean_aux=8, aux_batch_size=4, clean_every=2, zero_clean_gradient=rule))
+    model = defense.prepare(loaded.model, tiny_context(loaded.tokenizer, data_dir))
+    batch = loaded.tokenizer(["good film", "bad plot"], return_tensors="pt", padding=True)
+    model(**batch, labels=torch.tensor([1, 0])).loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    chosen = next(i for i, p in enumerate(params) if p.grad.any())  # LoRA's A has none while B is zero
+    raw = params[chosen].grad.clone()
+    defense._clean_loss = 1.0  # a closed gate: pure alignment
+    defense._clean_grads = [torch.zeros_like(p) if i == chosen else torch.randn_like(p) for i, p in enumerate(params)]
+    defense.edit_gradients(model, StepInfo(epoch=2.0, num_epochs=10, global_step=1, reduce_mean=lambda t: t))
+    expected = raw if rule == "raw" else torch.zeros_like(raw)
+    assert torch.equal(params[chosen].grad, expected)
+
+
 def test_clean_samples_never_appear_in_the_selection_dev_set(tiny_tree, monkeypatch):
     seen = record_contexts(monkeypatch, MuScleLoRAConfig)
     tree = {**tiny_tree, "defense": {"name": "muscle-lora", "clean_aux": 12, "aux_batch_size": 8}}
@@ -99,8 +157,12 @@ def test_gradient_alignment_edits_every_step(tiny_tree, monkeypatch):
     monkeypatch.setattr(MuScleLoRA, "edit_gradients", spy)
     tree = {**tiny_tree, "defense": {"name": "muscle-lora", "clean_aux": 8, "aux_batch_size": 8}}
     tree["train"] = {"epochs": 1, "batch_size": 16, "lr": 1e-3}
-    run(validate(tree, "test"))
+    record = run(validate(tree, "test"))
     assert len(edited) == 8 and all(delta > 0 for delta in edited)
+    # The regime is recorded: one epoch before ga_start_epoch 1 is pure alignment, μ never leaves 0.
+    regime = record["defense_info"]["regime"]
+    assert regime["final_mu"] == 0.0 and 0.0 <= regime["gate_closed_share"] <= 1.0
+    assert -1.0 <= regime["mean_cosine"] <= 1.0 and regime["mean_cosine"] != 0.0
 
 
 def test_clean_gradient_is_reused_between_recomputations(tiny_tree, monkeypatch):

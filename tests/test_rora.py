@@ -177,7 +177,7 @@ def test_spectrum_reports_each_layer_and_the_scale_sweep(tiny_tree, tmp_path):
     tree = {**tiny_tree, "scenario": "poisoned-weights", "defense": {"name": "lora", "r": 2}}
     cfg = validate(tree, "test")
     run(cfg)
-    args = ["analyze", "spectrum", str(cfg.run_dir), "--scale", "0", "--scale", "1", "--out", str(tmp_path / "plots")]
+    args = ["analyze", "spectrum", str(cfg.run_dir), "--scale", "0", "--scale", "8", "--out", str(tmp_path / "plots")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     spectrum = json.loads((cfg.run_dir / "spectrum.json").read_text())
@@ -186,7 +186,7 @@ def test_spectrum_reports_each_layer_and_the_scale_sweep(tiny_tree, tmp_path):
         assert layer["strength_ratio"] == pytest.approx(layer["sigma_pre"] / layer["sigma_delta"])
         assert 0 <= layer["left_alignment"] <= 1 + 1e-6
     sweep = {row["scale"]: row for row in spectrum["scale_sweep"]}
-    assert sweep[1.0]["cacc"] == pytest.approx(
+    assert sweep[8.0]["cacc"] == pytest.approx(  # s = α/r (16 / 2) is the trained adapter
         json.loads((cfg.run_dir / "metrics.json").read_text())["metrics"]["cacc"]
     )
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {

@@ -363,7 +363,7 @@ def analyze_spectrum(
     run_dirs: Annotated[list[Path], typer.Argument(help="Finished runs with a LoRA or DoRA adapter.")],
     out: Annotated[Path | None, typer.Option(help="Where the PNGs go; default: the first run directory.")] = None,
     top: Annotated[int, typer.Option(min=1, help="W_pre's top singular vectors for the alignment figure.")] = 32,
-    scale: Annotated[list[float] | None, typer.Option(help="Global scales for the CACC/ASR sweep; repeatable.")] = None,
+    scale: Annotated[list[float] | None, typer.Option(help="Scales s to sweep (ΔW = s·BA); repeatable.")] = None,
     redo: Annotated[bool, typer.Option(help="Recompute runs that already hold a spectrum.json.")] = False,
 ) -> None:
     """Spectral strength and alignment of each adapted layer, and CACC/ASR under a global scale (RoRA Figs. 1-3)."""

@@ -2,7 +2,8 @@
 
 Per adapted layer: the spectral-strength ratio σ_max(W_pre) / σ_max(ΔW) (Figure 1) and the largest
 |cosine| between ΔW's leading singular vectors and the top singular vectors of W_pre (Figure 2).
-Then CACC and ASR when every update is multiplied by a global post-training scale s (Figure 3).
+Then CACC and ASR for a global post-training scale s that replaces LoRA's α/r, W = W_pre + s·BA, on
+the trained update before any rescale of RoRA's (Figure 3; its axis runs to s = 128).
 ASR here is the evaluator's measurement for analysis; no defense ever sees it.
 """
 
@@ -26,7 +27,7 @@ from cleantune.schema import StrictModel
 
 class SpectrumConfig(StrictModel):
     top: int = Field(32, gt=0)  # W_pre's top singular vectors that alignment is measured against
-    scales: list[float] = Field([0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0], min_length=1)
+    scales: list[float] = Field([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0], min_length=1)
 
 
 def layer_spectrum(w_pre: torch.Tensor, delta: torch.Tensor, top: int) -> dict[str, float]:
@@ -42,18 +43,29 @@ def layer_spectrum(w_pre: torch.Tensor, delta: torch.Tensor, top: int) -> dict[s
     }
 
 
-def spectra(model: PeftModel, top: int) -> dict[str, dict[str, float]]:
+def spectra(model: PeftModel, top: int, rescaled: dict[str, float]) -> dict[str, dict[str, float]]:
     with torch.no_grad():
         return {
-            name: layer_spectrum(layer.get_base_layer().weight, layer.get_delta_weight(ADAPTER), top)
+            name: layer_spectrum(
+                layer.get_base_layer().weight, layer.get_delta_weight(ADAPTER) / rescaled.get(name, 1.0), top
+            )
             for name, layer in lora_layers(model).items()
         }
 
 
-def scale_sweep(prepared: Prepared, loaded: Loaded, scales: list[float]) -> list[dict[str, Any]]:
-    """CACC/ASR with every update multiplied by s (B scaled; s = 1 is the trained adapter)."""
+def scale_sweep(
+    prepared: Prepared, loaded: Loaded, scales: list[float], rescaled: dict[str, float]
+) -> list[dict[str, Any]]:
+    """CACC/ASR with ΔW = s·BA for each s; ``rescaled`` holds the factors a RoRA run folded into B, which
+    are divided out first, so that every run is swept from its trained update (s = α/r is LoRA's)."""
     layers = lora_layers(loaded.model)
-    trained = {name: layer.lora_B[ADAPTER].weight.detach().clone() for name, layer in layers.items()}
+    unknown = sorted(set(rescaled) - set(layers))
+    if unknown:
+        raise CleantuneError(f"the run rescaled layers its adapter does not have: {', '.join(unknown)}")
+    trained = {
+        name: layer.lora_B[ADAPTER].weight.detach() / (rescaled.get(name, 1.0) * layer.scaling[ADAPTER])
+        for name, layer in layers.items()
+    }
     rows = []
     for s in scales:
         with torch.no_grad():
@@ -64,8 +76,14 @@ def scale_sweep(prepared: Prepared, loaded: Loaded, scales: list[float]) -> list
     return rows
 
 
+def rescale_factors(run_dir: Path) -> dict[str, float]:
+    """The factors a RoRA run multiplied its top layers' B by (none for other runs)."""
+    return read_json(run_dir / "metrics.json").get("defense_info", {}).get("rescale", {})
+
+
 def analyze(run_dir: Path, cfg: SpectrumConfig) -> dict[str, Any]:
-    """Spectra and the scale sweep of a finished run with a LoRA or DoRA adapter; kept in spectrum.json."""
+    """Spectra and the scale sweep of a finished run with a LoRA or DoRA adapter, both of the trained
+    update (before a RoRA rescale); kept in spectrum.json."""
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").exists():
         raise CleantuneError(f"{run_dir} holds no PEFT adapter: the spectrum needs a LoRA-family run")
@@ -75,11 +93,12 @@ def analyze(run_dir: Path, cfg: SpectrumConfig) -> dict[str, Any]:
         raise CleantuneError(f"{run_dir}: spectra of {init} adapters are not supported (the base holds W_res)")
     prepared = prepare(validate(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml")))
     loaded = load_model(str(adapter), num_labels=prepared.eval_splits.num_labels)
+    rescaled = rescale_factors(run_dir)
     result = {
         "run_dir": str(run_dir),
         "top": cfg.top,
-        "layers": spectra(loaded.model, cfg.top),
-        "scale_sweep": scale_sweep(prepared, loaded, cfg.scales),
+        "layers": spectra(loaded.model, cfg.top, rescaled),
+        "scale_sweep": scale_sweep(prepared, loaded, cfg.scales, rescaled),
     }
     atomic_write_json(run_dir / "spectrum.json", result)
     return result
@@ -115,7 +134,7 @@ def plot(results: list[dict[str, Any]], out_dir: Path, prefix: str = "") -> list
         name = Path(result["run_dir"]).name
         ax.plot([r["scale"] for r in sweep], [r["cacc"] for r in sweep], "o-", label=f"{name} CACC")
         ax.plot([r["scale"] for r in sweep], [r["asr"] for r in sweep], "s--", label=f"{name} ASR")
-    ax.set(xlabel="global post-training scale s", ylabel="%", xscale="symlog")
+    ax.set(xlabel="post-training scale s (replaces α/r)", ylabel="%", xscale="symlog", xlim=(0, None))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     written.append(save_figure(fig, out_dir / f"{prefix}spectrum-scale.png"))

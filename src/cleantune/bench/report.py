@@ -291,6 +291,39 @@ def compared_rows(suite: SuiteConfig, done: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([done, *frames], ignore_index=True) if frames else done
 
 
+def protocol_section(suite: SuiteConfig) -> list[str]:
+    if not suite.protocol:
+        return []
+    lines = ["## Protocol", "", "| Setting | Paper / authors | Used here | Why it differs |", "|---|---|---|---|"]
+    lines += [f"| {row.setting} | {row.paper} | {row.used} | {row.why or '–'} |" for row in suite.protocol]
+    return [*lines, ""]
+
+
+def paper_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
+    """The paper's numbers beside this suite's, per defense row the paper reports and per attack."""
+    if suite.paper is None:
+        return []
+    attacks = in_suite_order({a for row in suite.paper.rows.values() for a in row}, list(suite.attack))
+    metrics = metric_columns(done) if not done.empty else CLASSIFICATION
+    header = "| Defense | " + " | ".join(f"{a} {label} paper / ours" for a in attacks for label in metrics.values())
+    lines = [
+        f"## The paper's numbers beside ours ({suite.paper.source})",
+        "",
+        header + " |",
+        "|---|" + "---:|" * (len(attacks) * len(metrics)),
+    ]
+    for defense, by_attack in suite.paper.rows.items():
+        cells = []
+        for attack in attacks:
+            ours = done[(done.defense == defense) & (done.attack == attack)]
+            for metric in metrics:
+                theirs = by_attack.get(attack, {}).get(metric)
+                paper = "–" if theirs is None else f"{theirs:.2f}"
+                cells.append(f"{paper} / {cell_text(ours[metric]) if metric in ours else '–'}")
+        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_report(name: str) -> tuple[Path, list[str]]:
     suite = find_suite(name)
     csv = results_path(suite)
@@ -299,7 +332,8 @@ def write_report(name: str) -> tuple[Path, list[str]]:
     table = pd.read_csv(csv)
     done = table[table.status == "done"]
     out = suite.reports_dir / f"{suite.suite}.md"
-    parts = [f"# Benchmark `{suite.suite}`", "", suite.description.strip(), ""]
+    parts = [f"# Benchmark `{suite.suite}`", "", *protocol_section(suite), *paper_section(suite, done)]
+    parts += [suite.description.strip(), ""]
     if suite.command:
         parts += ["Made by:", "", "```", suite.command.strip(), "```", ""]
     parts += run_times(suite, done)

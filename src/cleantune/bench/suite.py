@@ -47,6 +47,22 @@ class PoisonedModel(StrictModel):
     shared_with: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
+class ProtocolRow(StrictModel):
+    """One line of a paper suite's protocol table: what the paper did and what this suite does."""
+
+    setting: str
+    paper: str
+    used: str
+    why: str = ""  # why ``used`` departs from ``paper``; empty where they agree
+
+
+class PaperNumbers(StrictModel):
+    """A paper table's numbers for this suite's rows: defense -> attack -> metric -> value."""
+
+    source: str  # e.g. "Table 2, BERT-large, SST-2"
+    rows: dict[str, dict[str, dict[str, float]]]
+
+
 class SuiteConfig(StrictModel):
     suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -70,6 +86,9 @@ class SuiteConfig(StrictModel):
     # Suites whose results lie beside this one's and whose rows on the same poisoned models join this
     # report's tables, so a defense is read against baselines run elsewhere on the same models.
     compare_with: list[str] = Field(default_factory=list)
+    # A paper suite's report opens with these: its protocol, then the paper's numbers beside ours.
+    protocol: list[ProtocolRow] = Field(default_factory=list)
+    paper: PaperNumbers | None = None
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,11 @@ vectors are the paper's Table 6 (the authors' code stops BERT-base at 28, not 32
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt
@@ -37,12 +39,24 @@ from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 from cleantune.training import StepInfo
 
-# model_type -> (module wrapped by the multi-scale layer, scale vector S, alpha), Table 6 and B.4.
-FAMILY_DEFAULTS: dict[str, tuple[str, list[float], float]] = {
-    "bert": ("bert.pooler.dense", [1, 4, 8, 12, 16, 20, 24, 28, 32], 6.0),
-    "roberta": ("classifier.dense", [1, 2, 4, 6, 8, 10, 12, 14, 16], 6.0),
-    "llama": ("score.0", [1, 2, 3, 4], 4.0),
+log = logging.getLogger("cleantune")
+
+# model_type -> (module wrapped by the multi-scale layer, alpha), from the authors' code (B.4).
+PLACEMENT: dict[str, tuple[str, float]] = {
+    "bert": ("bert.pooler.dense", 6.0),
+    "roberta": ("classifier.dense", 6.0),
+    "llama": ("score.0", 4.0),
 }
+# (model_type, hidden size) -> S. The paper tunes S per model (Table 6; Limitations, Figure 10).
+SCALES: dict[tuple[str, int], list[float]] = {
+    ("bert", 768): [1, 4, 8, 12, 16, 20, 24, 28, 32],  # BERT-base
+    ("bert", 1024): [1, 2, 3, 4, 5, 6, 7, 8, 9],  # BERT-large
+    ("roberta", 768): [1, 2, 4, 6, 8, 10, 12, 14, 16],  # RoBERTa-base
+    ("roberta", 1024): [1, 2, 3, 4, 5, 6, 7, 8, 9],  # RoBERTa-large
+    ("llama", 4096): [1, 2, 3, 4],  # Llama-2-7B
+}
+# A size Table 6 does not list takes the family's base vector, with a warning that it is untuned.
+FALLBACK_WIDTH = {"bert": 768, "roberta": 768, "llama": 4096}
 DECODER_HEAD_WIDTH = 16
 
 
@@ -70,10 +84,41 @@ class MuScleLoRAConfig(StrictModel):
     # which is what a run of one or two epochs needs for μ to leave 0 at all.
     mu_schedule: Literal["epoch", "step"] = "epoch"
     aux_loss_gate: NonNegativeFloat = 0.4
+    # The authors' code departs from Eq. 7-8 in two small ways, kept as options: a tensor whose clean
+    # gradient is zero keeps its raw gradient ("raw"; the paper's reading aligns it to zero), and
+    # before ``ga_start_epoch`` an open gate (clean loss below the threshold) takes the raw gradient
+    # ("raw"; the paper's reading keeps aligning until μ starts).
+    zero_clean_gradient: Literal["zero", "raw"] = "zero"
+    open_gate_before_start: Literal["aligned", "raw"] = "aligned"
     # Recompute the clean gradient every k steps and reuse it in between. In the muscle-lora suite
     # k = 4 left the model at chance level; our likely explanation: Eq. 7's |g·g_c| keeps every step
     # on +g_c, so a stale g_c is followed past its minimum while Adam keeps the step size.
     clean_every: PositiveInt = 1
+
+
+@dataclass
+class Regime:
+    """Which regime a run trained in: how often the clean loss kept the gate closed (pure alignment),
+    how well the poisoned-batch gradient agreed with the clean one, and where μ ended."""
+
+    steps: int = 0
+    gated: int = 0
+    cosine_sum: torch.Tensor | float = 0.0
+    mu: float = 0.0
+
+    def record(self, gated: bool, cosine: torch.Tensor, mu: float) -> None:
+        self.steps += 1
+        self.gated += gated
+        self.cosine_sum = self.cosine_sum + cosine.detach()
+        self.mu = mu
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "gate_closed_share": self.gated / self.steps,
+            # per tensor, averaged over the tensors and the steps this process trained
+            "mean_cosine": float(self.cosine_sum) / self.steps,
+            "final_mu": self.mu,
+        }
 
 
 class MultiScaleLinear(nn.Module):
@@ -132,13 +177,28 @@ def mu_at(epoch: float, num_epochs: float, cfg: MuScleLoRAConfig) -> float:
 
 
 def _family(model: nn.Module) -> tuple[str, list[float], float]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILY_DEFAULTS:
+    """Placement, S and alpha for ``model``: Table 6's row for its type and width."""
+    config = getattr(model, "config", None)
+    model_type, width = getattr(config, "model_type", None), getattr(config, "hidden_size", None)
+    if model_type not in PLACEMENT:
         raise CleantuneError(
             f"muscle-lora has no default placement for model type '{model_type}'; set defense.placement, "
             "defense.scales and defense.alpha"
         )
-    return FAMILY_DEFAULTS[model_type]
+    placement, alpha = PLACEMENT[model_type]
+    scales = SCALES.get((model_type, width))
+    if scales is None:
+        fallback = (model_type, FALLBACK_WIDTH[model_type])
+        scales = SCALES[fallback]
+        log.warning(
+            "muscle-lora: Table 6 has no scale vector for a %s of width %s; using the width-%s one %s, "
+            "untuned for this model (the paper tunes S per model: set defense.scales)",
+            model_type,
+            width,
+            fallback[1],
+            scales,
+        )
+    return placement, scales, alpha
 
 
 def _replace(model: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -181,6 +241,7 @@ class MuScleLoRA(Defense):
         self._drawn = 0  # clean batches taken from the stream so far
         self._clean_grads: list[torch.Tensor] | None = None
         self._clean_loss = math.inf
+        self._regime = Regime()
         return model
 
     def _with_lora(self, model: nn.Module) -> nn.Module:
@@ -257,9 +318,22 @@ class MuScleLoRA(Defense):
             self._clean_grads = self._clean_gradients(model, params, step)
         gated = self._clean_loss > self.cfg.aux_loss_gate
         mu = 0.0 if gated else mu_at(step.epoch, step.num_epochs, self.cfg)
+        raw = not gated and step.epoch < self.cfg.ga_start_epoch and self.cfg.open_gate_before_start == "raw"
+        cosines = []
         with torch.no_grad():
             for p, g_clean in zip(params, self._clean_grads, strict=True):
-                p.grad.copy_(mix(align(p.grad, g_clean), p.grad, mu))
+                cosines.append(F.cosine_similarity(p.grad.flatten(), g_clean.flatten(), dim=0))
+                if raw:
+                    continue
+                edited = mix(align(p.grad, g_clean), p.grad, mu)
+                if self.cfg.zero_clean_gradient == "raw":
+                    edited = torch.where(g_clean.any(), edited, p.grad)
+                p.grad.copy_(edited)
+        # Kept on the device: reading a value every step would stall a GPU.
+        self._regime.record(gated, torch.stack(cosines).mean(), mu)
+
+    def info(self) -> dict[str, Any]:
+        return {"regime": self._regime.summary()} if self.cfg.ga and self._regime.steps else {}
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Merge LoRA and the multi-scale module into the weights: the product is a plain model."""

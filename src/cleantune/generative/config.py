@@ -26,17 +26,17 @@ from cleantune.schema import RunBase, StrictModel
 from cleantune.training import TrainConfig
 
 
-class NoDefenseConfig(StrictModel):
-    name: Literal["none"] = "none"
+class AsIsConfig(StrictModel):
+    name: Literal["as-is"] = "as-is"
 
 
-class NoDefense(LLMDefense):
-    """Evaluate the model as it is: the before-defense row."""
+class AsIs(LLMDefense):
+    """Evaluate the model as it is: the before-defense row (classification's ``none`` trains instead)."""
 
     scenarios: ClassVar[frozenset[Scenario]] = frozenset({"poisoned-llm"})
 
 
-GENERATION.register(NoDefenseConfig, NoDefense)
+GENERATION.register(AsIsConfig, AsIs)
 LLMDefenseConfig = GENERATION.union()  # every generative defense module is imported above
 LLM_DEFENSES = GENERATION.defenses
 
@@ -63,7 +63,7 @@ class LLMRunConfig(RunBase):
     model: LLMModelConfig = LLMModelConfig()
     data: InstructionDataConfig = InstructionDataConfig()
     attack: LLMAttackConfig | None = None  # triggered test prompts (and, in poisoned-data, the poisons)
-    defense: LLMDefenseConfig = NoDefenseConfig()
+    defense: LLMDefenseConfig = AsIsConfig()
     train: LLMTrainConfig = LLMTrainConfig()
     eval: LLMEvalConfig = LLMEvalConfig()
 

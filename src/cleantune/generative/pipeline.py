@@ -21,7 +21,7 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 from cleantune.data import subsample
 from cleantune.generative.attacks import from_files, poison_pool, trigger_test
 from cleantune.generative.base import LLMContext, LLMDefense
-from cleantune.generative.config import LLMRunConfig, NoDefense, NoDefenseConfig, build_llm_defense
+from cleantune.generative.config import LLMRunConfig, AsIs, AsIsConfig, build_llm_defense
 from cleantune.generative.evaluation import TOKEN_BUDGET, llm_metrics
 from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_instructions
 from cleantune.generative.judges import Judge, resolve_judge
@@ -134,9 +134,9 @@ def execute(prepared: LLMPrepared) -> dict[str, Any]:
         if cfg.eval.enabled
         else {}
     )
-    # "none" changes nothing: its product would be a copy of the input.
+    # "as-is" changes nothing: its product would be a copy of the input.
     product = None
-    if state.is_main_process and not isinstance(defense, NoDefense):
+    if state.is_main_process and not isinstance(defense, AsIs):
         product = save_product(model, loaded, run_dir)
     record = {
         "task": "generation",
@@ -159,7 +159,7 @@ def execute(prepared: LLMPrepared) -> dict[str, Any]:
 
 def evaluate(cfg: LLMRunConfig, spec: str) -> dict[str, Any]:
     """Judged metrics of a saved model or adapter (``spec``) on the prompts ``cfg`` describes."""
-    prepared = prepare(cfg.model_copy(update={"scenario": "poisoned-llm", "defense": NoDefenseConfig()}))
+    prepared = prepare(cfg.model_copy(update={"scenario": "poisoned-llm", "defense": AsIsConfig()}))
     loaded = load_model(spec, allow_pickle=cfg.model.allow_pickle)
     model = loaded.model.to(PartialState().device)
     return llm_metrics(

@@ -106,13 +106,13 @@ def analyze(cfg: Any, spec: str, base_spec: str | None, block: int, out: Path) -
     writes ``sanity.json`` and ``sanity.md`` to ``out``."""
     from peft import PeftModel
 
-    from cleantune.generative.config import NoDefenseConfig
+    from cleantune.generative.config import AsIsConfig
     from cleantune.generative.evaluation import llm_metrics
     from cleantune.generative.pipeline import prepare
 
     if cfg.attack is None:
         raise CleantuneError("the sanity checks measure ASR: the config needs an attack")
-    prepared = prepare(cfg.model_copy(update={"scenario": "poisoned-llm", "defense": NoDefenseConfig()}))
+    prepared = prepare(cfg.model_copy(update={"scenario": "poisoned-llm", "defense": AsIsConfig()}))
     loaded = load_model(spec, allow_pickle=cfg.model.allow_pickle)
     if isinstance(loaded.model, PeftModel):
         base = load_model(loaded.model.peft_config["default"].base_model_name_or_path).model
