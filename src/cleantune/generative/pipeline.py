@@ -21,7 +21,7 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 from cleantune.data import subsample
 from cleantune.generative.attacks import from_files, poison_pool, trigger_test
 from cleantune.generative.base import LLMContext, LLMDefense
-from cleantune.generative.config import LLMRunConfig, AsIs, AsIsConfig, build_llm_defense
+from cleantune.generative.config import AsIs, AsIsConfig, LLMRunConfig, build_llm_defense
 from cleantune.generative.evaluation import TOKEN_BUDGET, llm_metrics
 from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_instructions
 from cleantune.generative.judges import Judge, resolve_judge
