@@ -369,3 +369,27 @@ def test_a_paper_suite_report_opens_with_its_protocol_then_the_papers_numbers(tm
     assert report.index("## Protocol") < report.index("## The paper's numbers") < report.index("settings")
     assert "| epochs | 20 | 20 | – |" in report and "| training set | 6,920 | 1,000 | CPU time |" in report
     assert "| lora | 92.00 / 80.50 | 99.70 / 12.25 |" in report
+
+
+def test_numbers_a_defense_records_become_columns_and_a_report_table(tmp_path, data_dir, tiny_bert):
+    path = write_suite(tmp_path, data_dir, tiny_bert)
+    suite = load_suite(path)
+    cell = cells(suite)[0]
+    info = {
+        "teacher_dev_accuracy": 0.9,
+        "teacher_reused": True,
+        "regime": {"gate_closed_share": 0.25, "final_mu": 0.1},
+        "rescale": {"layer.5.query": 14.0},
+    }
+    record = {"metrics": {"cacc": 90.0, "asr": 10.0}, "wall_s": 1.0, "trainable_params": 8, "defense_info": info}
+    row = row_for(suite, cell, record)
+    assert (row["info_teacher_dev_accuracy"], row["info_regime_gate_closed_share"], row["info_regime_final_mu"]) == (
+        0.9,
+        0.25,
+        0.1,
+    )
+    assert not any(k.startswith(("info_rescale", "info_teacher_reused")) for k in row)
+    (tmp_path / "results").mkdir()
+    pd.DataFrame([row]).to_csv(tmp_path / "results" / "tiny.csv", index=False)
+    report = write_report(str(path))[0].read_text().split("## What the defenses recorded")[1]
+    assert f"| {cell.id} | 0.9 | 0.25 | 0.1 |" in report

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_tree
+from conftest import run_tree, tiny_context
 
 from cleantune.config import validate
 from cleantune.defenses.base import pooled
-from cleantune.defenses.w2sdefense import W2SDefense, distillation_loss, feature_alignment_loss
+from cleantune.defenses.peft_baselines import PeftBaseline, VirtualTokenConfig
+from cleantune.defenses.w2sdefense import (
+    W2SDefense,
+    W2SDefenseConfig,
+    distillation_loss,
+    feature_alignment_loss,
+    token_alignment_loss,
+)
 from cleantune.dispatch import run
+from cleantune.models import load_model
 
 
 def test_feature_loss_pairs_example_i_with_example_i():
@@ -19,6 +27,28 @@ def test_feature_loss_pairs_example_i_with_example_i():
     assert float(feature_alignment_loss(student, teacher)) == pytest.approx(expected, rel=1e-5)
     assert float(feature_alignment_loss(student, teacher[[1, 0, 2, 3]])) != pytest.approx(expected, rel=1e-3)
     assert float(feature_alignment_loss(teacher, teacher)) == 0.0
+
+
+def test_token_feature_loss_pairs_example_i_and_ignores_pads_and_virtual_tokens():
+    torch.manual_seed(0)
+    hidden, teacher = torch.randn(2, 5, 8), torch.randn(2, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    real = [(i, t) for i in range(2) for t in range(5) if mask[i, t]]
+    expected = sum(float((hidden[i, t] - teacher[i]).pow(2).sum()) for i, t in real) / len(real)
+    assert float(token_alignment_loss(hidden, mask, teacher)) == pytest.approx(expected, rel=1e-5)
+    assert float(token_alignment_loss(hidden, mask, teacher[[1, 0]])) != pytest.approx(expected, rel=1e-3)
+    padded = hidden.clone()
+    padded[0, 3:] = 1e3  # pad positions do not count
+    assert float(token_alignment_loss(padded, mask, teacher)) == pytest.approx(expected, rel=1e-5)
+    # Two virtual tokens prepended: the mask covers the last five positions only.
+    prompted = torch.cat([torch.full((2, 2, 8), 1e3), hidden], dim=1)
+    assert float(token_alignment_loss(prompted, mask, teacher)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_weights_come_from_the_authors_set_for_the_named_attack():
+    assert W2SDefenseConfig(weights="badnet").loss_weights() == (5.0, 0.001, 0.001)
+    assert W2SDefenseConfig().loss_weights() == (3.0, 0.01, 0.001)  # InSent's, the default
+    assert W2SDefenseConfig(weights="synattack", kd_weight=0.5).loss_weights() == (1.0, 0.5, 0.002)
 
 
 def test_pooling_takes_the_last_real_token_under_any_padding_and_prompt():
@@ -73,3 +103,15 @@ def test_teacher_is_frozen_sees_the_same_texts_and_is_trained_once(
     assert second["defense_info"]["teacher_reused"] is True
     assert second["defense_info"]["teacher_train_s"] == first["defense_info"]["teacher_train_s"]
     assert second["trainable_params"] < second["total_params"]
+
+
+@pytest.mark.parametrize("name", ["prompt", "ptuning"])
+def test_a_virtual_token_decoder_scores_each_examples_last_real_token(tiny_llama, data_dir, name):
+    loaded = load_model(str(tiny_llama), num_labels=2)
+    ctx = tiny_context(loaded.tokenizer, data_dir, "poisoned-weights")
+    model = PeftBaseline(VirtualTokenConfig(name=name, num_virtual_tokens=3)).prepare(loaded.model, ctx).eval()
+    batch = ctx.tokenizer(["a b c d e f", "a b"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        last_real = pooled(out.hidden_states[-1], batch["attention_mask"], decoder=True)
+        torch.testing.assert_close(out.logits, model.get_base_model().score(last_real))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from pydantic import PositiveInt
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -149,7 +150,19 @@ def _load_adapter(path: Path, num_labels: int | None, allow_pickle: bool) -> Loa
     base_spec = PeftConfig.from_pretrained(path).base_model_name_or_path
     base = load_model(base_spec, num_labels=num_labels, allow_pickle=allow_pickle)
     model = PeftModel.from_pretrained(base.model, path, use_safetensors=not allow_pickle)
+    pad_for_embedded_prompts(model, base.tokenizer)
     return Loaded(model, base.tokenizer, path, base.base_id)
+
+
+def pad_for_embedded_prompts(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Prompt and p-tuning hand a decoder classifier its input as embeddings, so it cannot find the
+    padding and scores the last position: pad on the left, so that position is the last real token."""
+    from peft import PeftModel, PeftType
+
+    if not isinstance(model, PeftModel) or not hasattr(model.get_base_model(), "score"):
+        return
+    if model.peft_config[model.active_adapter].peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+        tokenizer.padding_side = "left"
 
 
 def base_id(spec: str) -> str:

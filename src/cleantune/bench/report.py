@@ -247,6 +247,20 @@ def loss_terms_section(done: pd.DataFrame) -> list[str]:
     return ["## Defense loss terms", "", intro, "", *per_cell_table(rows, {c: c[5:] for c in columns}), ""]
 
 
+def recorded_section(done: pd.DataFrame) -> list[str]:
+    """What each defense recorded about its run (``defense_info`` of ``metrics.json``)."""
+    columns = [c for c in done if c.startswith("info_") and done[c].notna().any()]
+    if not columns:
+        return []
+    rows = done[done[columns].notna().any(axis=1)]
+    intro = (
+        "Numbers each defense recorded about its run (`defense_info` in a run's `metrics.json`): a "
+        "teacher's clean dev accuracy (0-1), MuScleLoRA's regime (share of steps with the gate closed, "
+        "mean cosine of the poisoned and clean gradients, final μ)."
+    )
+    return ["## What the defenses recorded", "", intro, "", *per_cell_table(rows, {c: c[5:] for c in columns}), ""]
+
+
 def per_cell_table(rows: pd.DataFrame, headers: dict[str, str]) -> list[str]:
     lines = ["| cell | " + " | ".join(headers.values()) + " |", "|---|" + "---:|" * len(headers)]
     for row in rows.itertuples():
@@ -372,7 +386,8 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             f"![ASR against {next(m for m in metric_columns(rows) if m != 'asr')}]({image})",
             "",
         ]
-    parts += data_level_section(done) + loss_terms_section(done) + fourier_section(suite, done) + cost_section(suite)
+    parts += data_level_section(done) + loss_terms_section(done) + recorded_section(done)
+    parts += fourier_section(suite, done) + cost_section(suite)
     failed = table[table.status == "failed"]
     if not failed.empty:
         parts += ["## Failed cells", "", "| cell | error |", "|---|---|"]

@@ -37,6 +37,18 @@ LINE_SPLIT = re.compile(rb"[\r\n]+")
 SETUP_KEYS = ("teacher_train_s", "variant_cost_s")
 
 
+def flat_numbers(info: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers a defense recorded about its run (e.g. the teacher's dev accuracy, MuScleLoRA's
+    regime), nested keys joined by '_'; per-layer tables (RoRA's scale factors) are left to the run."""
+    flat: dict[str, float] = {}
+    for key, value in info.items():
+        if isinstance(value, dict) and all(not isinstance(v, dict) for v in value.values()) and key != "rescale":
+            flat |= flat_numbers(value, f"{prefix}{key}_")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def results_path(suite: SuiteConfig) -> Path:
     return suite.results_dir / f"{suite.suite}.csv"
 
@@ -61,6 +73,7 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
         row |= {f"loss_{name}": value for name, value in (train.get("loss_terms") or {}).items()}
         info = record.get("defense_info") or {}
         row["setup_s"] = next((info[k] for k in SETUP_KEYS if k in info), None)
+        row |= {f"info_{k}": v for k, v in flat_numbers(info).items() if k not in SETUP_KEYS}
         filtering = record.get("train_filter") or {}  # training-set filters (BKI, CUBE): evaluator-side detection
         row |= {f"filter_{k}": filtering.get(k) for k in ("removed", "precision", "recall") if k in filtering}
         # Defense-specific numbers (a defense's extra metrics) become extra columns.

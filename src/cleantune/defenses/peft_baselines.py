@@ -12,6 +12,7 @@ from typing import Literal
 from peft import (
     LoraConfig,
     PeftConfig,
+    PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
@@ -23,6 +24,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from cleantune.defenses.base import Defense, DefenseContext
+from cleantune.models import pad_for_embedded_prompts
 from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
@@ -76,16 +78,20 @@ def task_type(ctx: DefenseContext) -> TaskType:
     return TaskType.SEQ_CLS if ctx.num_labels > 0 else TaskType.CAUSAL_LM
 
 
+def peft_model(model: nn.Module, cfg: LoraFamilyConfig | VirtualTokenConfig, ctx: DefenseContext) -> PeftModel:
+    """``model`` wrapped by PEFT as ``cfg`` says, with the padding its scoring needs."""
+    if isinstance(cfg, LoraFamilyConfig):
+        return get_peft_model(model, lora_config(cfg, task_type(ctx)))
+    wrapped = get_peft_model(model, virtual_token_config(cfg, task_type(ctx)))
+    pad_for_embedded_prompts(wrapped, ctx.tokenizer)
+    return wrapped
+
+
 class PeftBaseline(Defense):
     scenarios = frozenset({"poisoned-data", "poisoned-weights"})
 
-    def peft_config(self, ctx: DefenseContext) -> PeftConfig:
-        if isinstance(self.cfg, LoraFamilyConfig):
-            return lora_config(self.cfg, task_type(ctx))
-        return virtual_token_config(self.cfg, task_type(ctx))
-
     def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
-        return get_peft_model(model, self.peft_config(ctx))
+        return peft_model(model, self.cfg, ctx)
 
 
 CLASSIFICATION.register(LoraFamilyConfig, PeftBaseline)

@@ -8,9 +8,12 @@ on α·CE + β·KD + γ·FA (Eq. 14). Teacher and student tokenise the same text
 
 As the authors' code: the teacher's feature is ReLU(projection([CLS])), its classifier sits on that
 feature, and it is frozen during distillation. Their feature loss compares the last example's teacher
-vector with every token of every student example; here example i of the student (its [CLS], or for a
-decoder its last non-pad token) is paired with example i of the teacher. Ablation switches ``kd`` and
-``fa`` give Table 8's rows; ``student`` takes LoRA or a virtual-token method from PEFT (Table 7).
+vector with every token of every student example (an indexing slip). Here example i of the student is
+always paired with example i of the teacher: ``fa_on="tokens"`` (the authors' token-level loss) takes
+every non-pad final-layer token state of example i, ``"pooled"`` one vector per example (its [CLS], or
+for a decoder its last non-pad token). The loss weights (α, β, γ) come from the authors' per-attack
+sets by name (``weights``); a defender who does not know the attack keeps one. Ablation switches
+``kd`` and ``fa`` give Table 8's rows; ``student`` takes LoRA or a virtual-token method (Table 7).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from typing import Annotated, Any, Literal
 
 import torch
 from datasets import Dataset
-from peft import get_peft_model
 from pydantic import Field, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,13 +34,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from cleantune.defenses.base import Defense, DefenseContext, is_decoder_classifier, pooled
-from cleantune.defenses.peft_baselines import (
-    LoraFamilyConfig,
-    VirtualTokenConfig,
-    lora_config,
-    task_type,
-    virtual_token_config,
-)
+from cleantune.defenses.peft_baselines import LoraFamilyConfig, VirtualTokenConfig, peft_model
 from cleantune.io import atomic_dir, atomic_write_json, read_json
 from cleantune.models import load_model
 from cleantune.offline import MINILM_ID, cache_dir
@@ -48,24 +44,45 @@ from cleantune.training import SIDE, SideEncoding, TrainConfig, build_trainer, f
 
 
 class TeacherConfig(StrictModel):
+    """The authors' teacher training: full fine-tuning, 5 epochs at lr 2e-5 with 6 % warmup."""
+
     spec: str = MINILM_ID
     max_length: PositiveInt = 128
-    epochs: float = Field(3.0, gt=0)
-    lr: float = Field(5e-5, gt=0)
+    epochs: float = Field(5.0, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
     batch_size: PositiveInt = 32
+
+
+# The authors' (α CE, β KD, γ FA) per attack.
+WEIGHTS: dict[str, tuple[float, float, float]] = {
+    "badnet": (5.0, 0.001, 0.001),
+    "insent": (3.0, 0.01, 0.001),
+    "synattack": (1.0, 0.035, 0.002),
+}
 
 
 class W2SDefenseConfig(StrictModel):
     name: Literal["w2sdefense"] = "w2sdefense"
     student: Annotated[LoraFamilyConfig | VirtualTokenConfig, Field(discriminator="name")] = LoraFamilyConfig()
     teacher: TeacherConfig = TeacherConfig()
-    # The authors' weights for InSent; they tune them per attack, which a defender cannot.
-    ce_weight: float = Field(3.0, ge=0)  # α
-    kd_weight: float = Field(0.01, ge=0)  # β
-    fa_weight: float = Field(0.001, ge=0)  # γ
+    weights: Literal["badnet", "insent", "synattack"] = "insent"
+    # Each replaces its term's weight in the chosen set.
+    ce_weight: float | None = Field(None, ge=0)  # α
+    kd_weight: float | None = Field(None, ge=0)  # β
+    fa_weight: float | None = Field(None, ge=0)  # γ
     temperature: float = Field(2.0, gt=0)
     kd: bool = True
     fa: bool = True
+    fa_on: Literal["tokens", "pooled"] = "tokens"
+
+    def loss_weights(self) -> tuple[float, float, float]:
+        alpha, beta, gamma = WEIGHTS[self.weights]
+        return (
+            alpha if self.ce_weight is None else self.ce_weight,
+            beta if self.kd_weight is None else self.kd_weight,
+            gamma if self.fa_weight is None else self.fa_weight,
+        )
 
 
 class Teacher(nn.Module):
@@ -101,6 +118,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def feature_alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     # Eqs. 11-12: mean over examples of ‖h_s,i − h_t,i‖², example i against example i
     return (student - teacher).pow(2).sum(dim=-1).mean()
+
+
+def token_alignment_loss(hidden: torch.Tensor, attention_mask: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Eqs. 11-12 on every real token: ‖h_s,i,t − h_t,i‖² averaged over the batch's non-pad tokens.
+    Virtual tokens a prompt method prepends (``hidden`` longer than the mask) are left out."""
+    hidden = hidden[:, hidden.shape[1] - attention_mask.shape[1] :]
+    distance = (hidden - teacher[:, None, :]).pow(2).sum(dim=-1)
+    mask = attention_mask.to(distance.dtype)
+    return (distance * mask).sum() / mask.sum()
 
 
 def fingerprint(data: Dataset) -> str:
@@ -140,7 +166,7 @@ def teacher_for(cfg: TeacherConfig, ctx: DefenseContext, student_hidden: int) ->
         teacher,
         loaded.tokenizer,
         Defense(None),
-        TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size),
+        TrainConfig(epochs=cfg.epochs, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, batch_size=cfg.batch_size),
         partial,
         ctx.seed,
         tokenize(ctx.train, loaded.tokenizer, cfg.max_length),
@@ -166,17 +192,10 @@ class W2SDefense(Defense):
         self.decoder = is_decoder_classifier(model)
         self.teacher, tokenizer, self.teacher_record = teacher_for(cfg.teacher, ctx, model.config.hidden_size)
         self.side = SideEncoding(tokenizer, cfg.teacher.max_length)
-        student = cfg.student
-        peft_config = (
-            lora_config(student, task_type(ctx))
-            if isinstance(student, LoraFamilyConfig)
-            else virtual_token_config(student, task_type(ctx))
-        )
-        peft_model = get_peft_model(model, peft_config)
-        backbone = peft_model.get_base_model().base_model
-        backbone.register_forward_hook(self._keep_hidden)
+        student = peft_model(model, cfg.student, ctx)
+        student.get_base_model().base_model.register_forward_hook(self._keep_hidden)
         self._hidden: torch.Tensor | None = None
-        return peft_model
+        return student
 
     def _keep_hidden(self, module: nn.Module, args: Any, output: Any) -> None:
         self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
@@ -194,14 +213,20 @@ class W2SDefense(Defense):
         with torch.no_grad():
             teacher_features = self.teacher.features(**side)
             teacher_logits = self.teacher.classifier(teacher_features)
+        alpha, beta, gamma = cfg.loss_weights()
         # Eq. 14: α·CE + β·KD + γ·FA; the Trainer has already added the CE once.
-        terms = {"ce_reweight": (cfg.ce_weight - 1) * outputs.loss}
+        terms = {"ce_reweight": (alpha - 1) * outputs.loss}
         if cfg.kd:
-            terms["kd"] = cfg.kd_weight * distillation_loss(outputs.logits, teacher_logits, cfg.temperature)
+            terms["kd"] = beta * distillation_loss(outputs.logits, teacher_logits, cfg.temperature)
         if cfg.fa:
-            student = pooled(self._hidden, inputs["attention_mask"], self.decoder)
-            terms["fa"] = cfg.fa_weight * feature_alignment_loss(student.float(), teacher_features.float())
+            terms["fa"] = gamma * self._feature_loss(inputs["attention_mask"], teacher_features.float())
         return terms
+
+    def _feature_loss(self, attention_mask: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        assert self._hidden is not None  # set by the forward hook during this batch's forward
+        if self.cfg.fa_on == "tokens":
+            return token_alignment_loss(self._hidden.float(), attention_mask, teacher)
+        return feature_alignment_loss(pooled(self._hidden, attention_mask, self.decoder).float(), teacher)
 
     def info(self) -> dict[str, Any]:
         record = self.teacher_record
