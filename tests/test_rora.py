@@ -136,8 +136,9 @@ def test_variants_rescale_the_change_of_the_merged_weight(tiny_bert, data_dir, v
         assert float(torch.linalg.matrix_norm(change, ord=2)) == pytest.approx(defense.sigma_pre[name], rel=1e-3)
 
 
-def test_dev_evaluation_sees_the_rescaled_model_and_training_resumes_unchanged(tiny_bert, data_dir):
-    defense, model, loaded = prepared(tiny_bert, data_dir, rescale_layers=1)
+@pytest.mark.parametrize("variant", ["lora", "dora", "pissa"])
+def test_dev_evaluation_sees_the_rescaled_model_and_training_resumes_unchanged(tiny_bert, data_dir, variant):
+    defense, model, loaded = prepared(tiny_bert, data_dir, variant=variant, rescale_layers=1)
     randomise_updates(defense)
     model.eval()
     batch = loaded.tokenizer(["good film", "bad plot here"], return_tensors="pt", padding=True)

@@ -234,7 +234,10 @@ class RoRA(Defense):
         tensors = []
         for name in sorted(self.top):
             layer = self.layers[name]
-            tensors += [layer.lora_B[ADAPTER].weight, frozen_weight(layer)]
+            if self.cfg.variant == "lora":  # the rescale multiplies B alone
+                tensors.append(layer.lora_B[ADAPTER].weight)
+                continue
+            tensors.append(frozen_weight(layer))
             if layer.use_dora.get(ADAPTER):
                 tensors.append(layer.lora_magnitude_vector[ADAPTER].weight)
         return tensors
