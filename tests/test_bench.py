@@ -393,3 +393,16 @@ def test_numbers_a_defense_records_become_columns_and_a_report_table(tmp_path, d
     pd.DataFrame([row]).to_csv(tmp_path / "results" / "tiny.csv", index=False)
     report = write_report(str(path))[0].read_text().split("## What the defenses recorded")[1]
     assert f"| {cell.id} | 0.9 | 0.25 | 0.1 |" in report
+
+
+def test_a_copy_without_git_records_the_commit_it_was_told(tmp_path, monkeypatch):
+    from cleantune import rundir
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(rundir.subprocess, "run", no_git)
+    monkeypatch.delenv("CLEANTUNE_SOURCE_COMMIT", raising=False)
+    assert rundir.source_commit() is None
+    monkeypatch.setenv("CLEANTUNE_SOURCE_COMMIT", "8e74562")
+    assert rundir.source_commit() == "8e74562"

@@ -51,7 +51,9 @@ def source_commit() -> str | None:
         commit = git("rev-parse", "--short", "HEAD").strip()
         return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", ".").strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return None  # installed from a wheel, or no git
+        # Installed from a wheel, or a copy without its git folder (a lent GPU machine): the commit
+        # it was copied from, if the caller says so.
+        return os.environ.get("CLEANTUNE_SOURCE_COMMIT")
 
 
 def hardware() -> dict[str, Any]:
