@@ -47,7 +47,7 @@ EOF
 run() {
   local suite=$1
   shift
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   export CLEANTUNE_SOURCE_COMMIT
   CLEANTUNE_SOURCE_COMMIT=$(cat .gpu/commit)

@@ -395,14 +395,15 @@ def test_numbers_a_defense_records_become_columns_and_a_report_table(tmp_path, d
     assert f"| {cell.id} | 0.9 | 0.25 | 0.1 |" in report
 
 
-def test_a_copy_without_git_records_the_commit_it_was_told(tmp_path, monkeypatch):
+def test_a_copy_of_a_checkout_records_the_commit_it_is_told(monkeypatch):
     from cleantune import rundir
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
+    # Told, it wins over the git folder it stands in (which may be older than the copied files).
+    monkeypatch.setenv("CLEANTUNE_SOURCE_COMMIT", "0123abc")
+    assert rundir.source_commit() == "0123abc"
+    monkeypatch.delenv("CLEANTUNE_SOURCE_COMMIT")
     monkeypatch.setattr(rundir.subprocess, "run", no_git)
-    monkeypatch.delenv("CLEANTUNE_SOURCE_COMMIT", raising=False)
     assert rundir.source_commit() is None
-    monkeypatch.setenv("CLEANTUNE_SOURCE_COMMIT", "8e74562")
-    assert rundir.source_commit() == "8e74562"

@@ -41,7 +41,12 @@ def versions() -> dict[str, str]:
 
 
 def source_commit() -> str | None:
-    """The commit of the cleantune source that ran ("+dirty" with uncommitted edits), for benchmark rows."""
+    """The commit of the cleantune source that ran ("+dirty" with uncommitted edits), for benchmark rows.
+    CLEANTUNE_SOURCE_COMMIT, when set, names it instead: a copy of a checkout (a lent GPU machine's)
+    may carry an older git folder, or none."""
+    told = os.environ.get("CLEANTUNE_SOURCE_COMMIT")
+    if told:
+        return told
     here = Path(__file__).parent
 
     def git(*args: str) -> str:
@@ -51,9 +56,7 @@ def source_commit() -> str | None:
         commit = git("rev-parse", "--short", "HEAD").strip()
         return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", ".").strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        # Installed from a wheel, or a copy without its git folder (a lent GPU machine): the commit
-        # it was copied from, if the caller says so.
-        return os.environ.get("CLEANTUNE_SOURCE_COMMIT")
+        return None  # installed from a wheel, or no git
 
 
 def hardware() -> dict[str, Any]:
