@@ -206,7 +206,7 @@ def run_tree(data_dir: Path, model: Path, out: Path, **sections: dict) -> dict:
         "model": {"spec": str(model), "max_length": 32},
         "data": {"dataset": "sst2", "data_dir": str(data_dir)},
         "attack": {"name": "badnet", "setting": "dirty", "rate": 0.2, "target_label": 1},
-        "defense": {"name": "lora", "r": 4, "alpha": 8},
+        "defense": {"name": "lora", "lora": {"r": 4, "alpha": 8}},
         "train": {"epochs": 2, "lr": 5e-3, "batch_size": 16, "logging_steps": 5},
     }
     tree.update(sections)

@@ -33,7 +33,7 @@ def write_suite(tmp_path: Path, data_dir: Path, spec: Path, **extra) -> Path:
         "model": {"tiny": {}},
         "attack": {"badnet": {"attack": {"name": "badnet", "rate": 0.2}}},
         "defense": {
-            "lora": {"defense": {"name": "lora", "r": 2}},
+            "lora": {"defense": {"name": "lora", "lora": {"r": 2}}},
             "fft": {"defense": {"name": "fft"}},
             "prompt": {"defense": {"name": "prompt", "num_virtual_tokens": 2}},
         },
@@ -121,7 +121,10 @@ def test_the_report_names_matrix_cells_that_have_not_run(tmp_path, data_dir, tin
 
 def test_a_failing_cell_is_recorded_and_the_rest_still_run(tmp_path, data_dir, tiny_bert, capsys):
     extra = {
-        "defense": {"lora": {"defense": {"name": "lora", "r": 2}}, "broken": {"model": {"spec": "./no/such/model"}}},
+        "defense": {
+            "lora": {"defense": {"name": "lora", "lora": {"r": 2}}},
+            "broken": {"model": {"spec": "./no/such/model"}},
+        },
         "expect": [{"match": {"defense": "lora"}, "bounds": {"asr": "<= -1"}}],
         "overrides": [{"match": {"defense": "lora"}, "set": {"fourier": {"every": 2, "samples": 8, "max_length": 16}}}],
     }
@@ -174,7 +177,7 @@ def test_poisoned_model_jobs_run_first_and_feed_their_cells(tmp_path, data_dir, 
         },
         "model": {"tiny-poisoned": {"scenario": "poisoned-weights", "model": {"spec": "poisoned:proxy-mn"}}},
         "attack": {"badnet": {"attack": {"name": "badnet", "triggers": ["mn"], "target_label": 0}}},
-        "defense": {"lora": {"defense": {"name": "lora", "r": 2}}},
+        "defense": {"lora": {"defense": {"name": "lora", "lora": {"r": 2}}}},
     }
     path = write_suite(tmp_path, data_dir, tiny_bert, **extra)
     found = cells(load_suite(path))
@@ -191,10 +194,10 @@ def test_poisoned_model_jobs_run_first_and_feed_their_cells(tmp_path, data_dir, 
 
 
 def test_an_edited_suite_does_not_reuse_runs_made_by_the_old_config(tmp_path, data_dir, tiny_bert):
-    one = {"defense": {"lora": {"defense": {"name": "lora", "r": 2}}}}
+    one = {"defense": {"lora": {"defense": {"name": "lora", "lora": {"r": 2}}}}}
     path = write_suite(tmp_path, data_dir, tiny_bert, **one)
     assert run_suite(path) == {"done": 1, "failed": 0, "skipped": 0}
-    write_suite(tmp_path, data_dir, tiny_bert, defense={"lora": {"defense": {"name": "lora", "r": 4}}})
+    write_suite(tmp_path, data_dir, tiny_bert, defense={"lora": {"defense": {"name": "lora", "lora": {"r": 4}}}})
     assert run_suite(path) == {"done": 0, "failed": 1, "skipped": 0}
     error = pd.read_csv(tmp_path / "results" / "tiny.csv").set_index("defense").loc["lora", "error"]
     assert "was made by a different config (defense.r changed" in error
@@ -205,7 +208,7 @@ def test_a_poisoned_model_can_be_shared_with_another_suite(tmp_path, data_dir, t
     extra = {
         "poisoned_models": {"proxy": {**job, "shared_with": "other"}},
         "model": {"tiny-poisoned": {"scenario": "poisoned-weights", "model": {"spec": "poisoned:proxy"}}},
-        "defense": {"lora": {"defense": {"name": "lora", "r": 2}}},
+        "defense": {"lora": {"defense": {"name": "lora", "lora": {"r": 2}}}},
     }
     found = cells(load_suite(write_suite(tmp_path, data_dir, tiny_bert, **extra)))
     assert found[0].config.run_dir == tmp_path / "runs" / "other" / "poison-proxy"

@@ -196,7 +196,7 @@ def test_pickle_weights_are_refused_before_the_run_directory_opens(tmp_path: Pat
 
 def test_a_training_set_filter_run_shows_its_undefended_reference_beside_it(tmp_path: Path, tiny_tree):
     path = tmp_path / "c.yaml"
-    cube = {"name": "cube", "under": {"name": "lora", "r": 2}, "min_cluster_size": 10}
+    cube = {"name": "cube", "under": {"name": "lora", "lora": {"r": 2}}, "min_cluster_size": 10}
     path.write_text(yaml.safe_dump({**tiny_tree, "defense": cube, "train": {"epochs": 1, "batch_size": 16}}))
     result = runner.invoke(app, ["run", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cleantune.config import DEFAULT_CONFIG, load_config
+from cleantune.config import DEFAULT_CONFIG, load_config, validate
 from cleantune.errors import CleantuneError
 
 
@@ -54,3 +54,40 @@ def test_bad_overrides(tmp_path: Path):
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(CleantuneError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
+
+
+# Shapes from before the one LoRA spec, as saved run configs and older suites hold them, and today's.
+LEGACY = [
+    ({"name": "dora", "r": 4}, {"name": "lora", "lora": {"r": 4, "use_dora": True}}),
+    ({"name": "pissa", "alpha": 8}, {"name": "lora", "lora": {"alpha": 8, "init": "pissa"}}),
+    (
+        {"name": "rora", "variant": "olora", "r": 2, "p": 0.2},
+        {"name": "rora", "lora": {"r": 2, "init": "olora"}, "p": 0.2},
+    ),
+    (
+        {"name": "muscle-lora", "lora_r": 4, "lora_targets": ["query"]},
+        {"name": "muscle-lora", "lora": {"r": 4, "target_modules": ["query"]}},
+    ),
+    (
+        {"name": "w2sdefense", "student": {"name": "lora", "r": 64}},
+        {"name": "w2sdefense", "student": {"name": "lora", "lora": {"r": 64}}},
+    ),
+    (
+        {"name": "cube", "under": {"name": "olora", "r": 2}},
+        {"name": "cube", "under": {"name": "lora", "lora": {"r": 2, "init": "olora"}}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), LEGACY, ids=[old["name"] for old, _ in LEGACY])
+def test_a_config_in_the_shape_before_the_one_lora_spec_reads_as_today(old, new):
+    assert validate({"defense": old}, "old").model_dump() == validate({"defense": new}, "new").model_dump()
+
+
+def test_a_partial_lora_section_keeps_the_methods_own_defaults():
+    muscle = validate({"defense": {"name": "muscle-lora", "lora": {"r": 4}}}, "x").defense.lora
+    assert (muscle.r, muscle.alpha, muscle.dropout) == (4, 32.0, 0.0)  # the authors' alpha and dropout
+    sft = validate({"task": "generation", "defense": {"name": "sft", "lora": {"r": 4}}}, "x").defense.lora
+    assert (sft.r, sft.dropout) == (4, 0.05)
+    with pytest.raises(CleantuneError, match="choose one"):
+        validate({"defense": {"name": "lora", "lora": {"use_dora": True, "init": "pissa"}}}, "x")

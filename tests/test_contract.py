@@ -15,15 +15,15 @@ from cleantune.errors import CleantuneError
 from cleantune.generative.config import GENERATION
 from cleantune.registry import config_names
 
-LORA = {"name": "lora", "r": 2}
+LORA = {"name": "lora", "lora": {"r": 2}}
 # name -> (defense section, the model fixture it trains); tiny settings, one epoch.
 CASES: dict[str, tuple[dict, str]] = {
     "none": ({"name": "none"}, "tiny_bert"),
     "fft": ({"name": "fft"}, "tiny_bert"),
-    **{name: ({"name": name, "r": 2}, "tiny_bert") for name in ("lora", "dora", "pissa", "olora")},
+    "lora": ({"name": "lora", "lora": {"r": 2}}, "tiny_bert"),
     **{name: ({"name": name, "num_virtual_tokens": 4}, "tiny_bert") for name in ("prefix", "prompt", "ptuning")},
     "muscle-lora": ({"name": "muscle-lora", "clean_aux": 8, "aux_batch_size": 8}, "tiny_bert"),
-    "rora": ({"name": "rora", "r": 2, "rescale_layers": 1}, "tiny_bert"),
+    "rora": ({"name": "rora", "lora": {"r": 2}, "rescale_layers": 1}, "tiny_bert"),
     "w2sdefense": ({"name": "w2sdefense", "teacher": {"spec": "tiny_bert", "epochs": 1}}, "tiny_llama_wide"),
     "onion": ({"name": "onion", "under": LORA, "lm": "tiny_llama", "cache": False, "dev_samples": 10}, "tiny_bert"),
     "strip": ({"name": "strip", "under": LORA, "copies": 2, "frr": 0.1}, "tiny_bert"),

@@ -210,7 +210,9 @@ def test_a_test_time_defense_run_records_rejections(data_dir, tiny_bert, tmp_pat
 
 
 def test_a_filtering_defense_retrains_on_what_it_keeps_and_resumes_its_decision(data_dir, tiny_bert, tmp_path):
-    tree = run_tree(data_dir, tiny_bert, tmp_path / "runs", defense={"name": "bki", "under": {"name": "lora", "r": 2}})
+    tree = run_tree(
+        data_dir, tiny_bert, tmp_path / "runs", defense={"name": "bki", "under": {"name": "lora", "lora": {"r": 2}}}
+    )
     cfg = validate(tree, "test")
     first = run(cfg)
     filtering = first["train_filter"]
@@ -242,7 +244,7 @@ def test_adapters_start_from_the_same_random_state_with_or_without_a_reference_m
         return original(self, model, ctx)
 
     monkeypatch.setattr(PeftBaseline, "prepare", spy)
-    lora = {"name": "lora", "r": 2}
+    lora = {"name": "lora", "lora": {"r": 2}}
     run(validate(run_tree(data_dir, tiny_bert, tmp_path / "a", defense=lora), "test"))
     run(validate(run_tree(data_dir, tiny_bert, tmp_path / "b", defense={"name": "bki", "under": lora}), "test"))
     plain, _, filtered = states  # the middle one: BKI's reference model, on a model loaded afresh

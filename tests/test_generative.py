@@ -26,7 +26,9 @@ from cleantune.generative.instructions import IGNORE, encode_sft, prompt_ids, re
 from cleantune.generative.judges import JUDGES, resolve_judge
 from cleantune.generative.pruning import PruneConfig, Pruning
 from cleantune.generative.quantization import round_to_grid
-from cleantune.generative.sft import LLMLoraConfig, add_lora
+from cleantune.generative.sft import LLM_LORA, add_lora
+
+ALL_LINEAR = LLM_LORA.model_copy(update={"target_modules": "all-linear"})  # the MLP too
 
 ROWS = [
     {"instruction": "tell me about the story", "input": "", "output": "the story was good ."},
@@ -223,7 +225,10 @@ def test_activation_pruning_zeroes_the_least_active_channels(tiny_chat_llama: Pa
 def test_adapter_only_pruning_leaves_the_base_alone(tiny_chat_llama: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_llama)
     torch.manual_seed(0)
-    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig(targets="all-linear"))
+    model = add_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_llama),
+        ALL_LINEAR,
+    )
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param)

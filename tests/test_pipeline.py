@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cleantune import defenses
 from cleantune.config import validate
-from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline
+from cleantune.defenses.peft_baselines import LoraTuningConfig, PeftBaseline
 from cleantune.dispatch import evaluate, run
 from cleantune.errors import CleantuneError
 from cleantune.io import read_json
@@ -72,9 +72,9 @@ def test_same_seed_same_result(tiny_tree, tmp_path):
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])
 @pytest.mark.parametrize(
     "defense",
-    [{"name": name, "r": 2} for name in ("dora", "pissa", "olora")]
+    [{"name": "lora", "lora": {"r": 2, **flag}} for flag in ({"use_dora": True}, {"init": "pissa"}, {"init": "olora"})]
     + [{"name": name, "num_virtual_tokens": 4} for name in ("prefix", "prompt", "ptuning")],
-    ids=lambda d: d["name"],
+    ids=["dora", "pissa", "olora", "prefix", "prompt", "ptuning"],
 )
 def test_every_peft_baseline_trains_an_encoder_and_a_decoder(defense, model, data_dir, tmp_path, request):
     tree = run_tree(data_dir, request.getfixturevalue(model), tmp_path, defense=defense)
@@ -124,7 +124,7 @@ def test_a_changed_config_under_the_same_name_is_refused_then_forced(tiny_tree):
 
 
 def test_a_defense_cannot_reach_the_trigger(tiny_tree, monkeypatch):
-    seen = record_contexts(monkeypatch, LoraFamilyConfig)
+    seen = record_contexts(monkeypatch, LoraTuningConfig)
     tree = {**tiny_tree, "attack": {"name": "badnet", "triggers": ["cf"], "rate": 0.2, "target_label": 1}}
     cfg = config(tree)
     run(cfg)
@@ -142,7 +142,7 @@ def test_a_defense_declares_its_scenarios(tiny_tree, monkeypatch):
     class DataOnly(PeftBaseline):
         scenarios = frozenset({"poisoned-data"})
 
-    monkeypatch.setitem(defenses.REGISTRY, LoraFamilyConfig, DataOnly)
+    monkeypatch.setitem(defenses.REGISTRY, LoraTuningConfig, DataOnly)
     with pytest.raises(CleantuneError, match="does not handle scenario 'poisoned-weights'"):
         run(config(tiny_tree, scenario="poisoned-weights"))
 
@@ -160,7 +160,9 @@ def test_a_run_killed_mid_training_resumes_and_finishes(tiny_tree, tmp_path):
     assert record["train"]["steps"] == 8 * 120 // 8
 
 
-@pytest.mark.parametrize("defense", [{"name": "lora", "r": 2}, {"name": "rora", "r": 2, "rescale_layers": 1}])
+@pytest.mark.parametrize(
+    "defense", [{"name": "lora", "lora": {"r": 2}}, {"name": "rora", "lora": {"r": 2}, "rescale_layers": 1}]
+)
 def test_a_purified_adapter_loads_with_plain_peft_onto_the_same_base(tiny_tree, tiny_bert, defense):
     suspicious = run(config(tiny_tree, name="suspicious"))["product"]
     tree = {**tiny_tree, "name": "purified", "scenario": "poisoned-weights", "defense": defense}

@@ -14,6 +14,7 @@ from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.defenses.rora import RoRA, RoRAConfig, effective_weight, orthogonality_penalty, top_blocks
 from cleantune.dispatch import run
+from cleantune.lora import LoraSpec
 from cleantune.models import load_model
 
 
@@ -22,6 +23,11 @@ def prepared(tiny_bert, data_dir, **settings):
     defense = RoRA(RoRAConfig(**settings))
     model = defense.prepare(loaded.model, tiny_context(loaded.tokenizer, data_dir, "poisoned-weights"))
     return defense, model, loaded
+
+
+def spec(variant: str) -> LoraSpec:
+    """PEFT's flags for a LoRA variant."""
+    return LoraSpec(use_dora=variant == "dora", init=variant if variant in ("pissa", "olora") else "default")
 
 
 def randomise_updates(defense: RoRA) -> None:
@@ -119,7 +125,7 @@ def test_rescaling_matches_the_top_blocks_to_the_pretrained_spectral_norm(tiny_b
 
 @pytest.mark.parametrize("variant", ["dora", "pissa", "olora"])
 def test_variants_rescale_the_change_of_the_merged_weight(tiny_bert, data_dir, variant):
-    defense, model, _ = prepared(tiny_bert, data_dir, variant=variant, rescale_layers=1.0, top_k=4)
+    defense, model, _ = prepared(tiny_bert, data_dir, lora=spec(variant), rescale_layers=1.0, top_k=4)
     # PiSSA and OLoRA start with the principal part in A and B: no change yet, no penalty.
     at_start = float(defense.extra_loss(model, {}, None)["orthogonality"].detach())
     assert (at_start == pytest.approx(0.0, abs=1e-6)) == (variant != "dora")
@@ -138,7 +144,7 @@ def test_variants_rescale_the_change_of_the_merged_weight(tiny_bert, data_dir, v
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "pissa"])
 def test_dev_evaluation_sees_the_rescaled_model_and_training_resumes_unchanged(tiny_bert, data_dir, variant):
-    defense, model, loaded = prepared(tiny_bert, data_dir, variant=variant, rescale_layers=1)
+    defense, model, loaded = prepared(tiny_bert, data_dir, lora=spec(variant), rescale_layers=1)
     randomise_updates(defense)
     model.eval()
     batch = loaded.tokenizer(["good film", "bad plot here"], return_tensors="pt", padding=True)
@@ -167,7 +173,11 @@ def test_a_rora_adapter_saves_and_loads_back_to_the_same_outputs(tiny_bert, data
 
 @pytest.mark.parametrize("variant", ["lora", "pissa"])
 def test_rora_runs_end_to_end_on_weights_it_distrusts(tiny_tree, variant):
-    tree = {**tiny_tree, "scenario": "poisoned-weights", "defense": {"name": "rora", "variant": variant, "r": 2}}
+    tree = {
+        **tiny_tree,
+        "scenario": "poisoned-weights",
+        "defense": {"name": "rora", "lora": {**spec(variant).model_dump(), "r": 2}},
+    }
     record = run(validate(tree, "test"))
     assert record["status"] == "done" and record["metrics"]["asr"] is not None
     assert set(record["defense_info"]["rescale"]) and all(s > 0 for s in record["defense_info"]["rescale"].values())
@@ -175,7 +185,7 @@ def test_rora_runs_end_to_end_on_weights_it_distrusts(tiny_tree, variant):
 
 
 def test_spectrum_reports_each_layer_and_the_scale_sweep(tiny_tree, tmp_path):
-    tree = {**tiny_tree, "scenario": "poisoned-weights", "defense": {"name": "lora", "r": 2}}
+    tree = {**tiny_tree, "scenario": "poisoned-weights", "defense": {"name": "lora", "lora": {"r": 2}}}
     cfg = validate(tree, "test")
     run(cfg)
     args = ["analyze", "spectrum", str(cfg.run_dir), "--scale", "0", "--scale", "8", "--out", str(tmp_path / "plots")]

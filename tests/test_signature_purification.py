@@ -9,13 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cleantune.errors import CleantuneError
-from cleantune.generative.sft import LLMLoraConfig, add_lora
+from cleantune.generative.sft import LLM_LORA, add_lora
 from cleantune.generative.signature_purification import (
     channel_vectors,
     select_signature,
     signature_scores,
     suppress,
 )
+
+ALL_LINEAR = LLM_LORA.model_copy(update={"target_modules": "all-linear"})  # the MLP too
 
 
 def test_a_planted_consistent_channel_ranks_first() -> None:
@@ -43,7 +45,7 @@ def test_the_alignment_term_ignores_negatively_aligned_variants() -> None:
 def random_adapter(path: Path) -> torch.nn.Module:
     """All-linear LoRA with non-zero factors, so every channel has something to suppress."""
     torch.manual_seed(0)
-    model = add_lora(AutoModelForCausalLM.from_pretrained(path), LLMLoraConfig(targets="all-linear"))
+    model = add_lora(AutoModelForCausalLM.from_pretrained(path), ALL_LINEAR)
     for name, param in model.named_parameters():
         if "lora_" in name:
             torch.nn.init.normal_(param)
@@ -95,7 +97,10 @@ def test_head_channels_are_q_rows_and_o_columns_of_one_head(tiny_chat_llama: Pat
 def test_heads_join_the_signature_when_asked(tiny_chat_llama: Path, tmp_path: Path) -> None:
     from cleantune.generative.signature_purification import SignatureConfig, SignaturePurification
 
-    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig(targets="all-linear"))
+    model = add_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_llama),
+        ALL_LINEAR,
+    )
     defense = SignaturePurification(SignatureConfig(heads=1, variants=2))
     planted = torch.zeros(4, 256)
     planted[2] = 1.0  # layer 1, head 0 moves the same way in both variants
@@ -108,7 +113,7 @@ def test_heads_join_the_signature_when_asked(tiny_chat_llama: Path, tmp_path: Pa
 
 
 def test_an_adapter_without_the_lora_the_signature_names_is_refused(tiny_chat_llama: Path) -> None:
-    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLMLoraConfig())  # q/v only
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLM_LORA)  # q/v only
     with pytest.raises(CleantuneError, match="no LoRA on the MLP projections"):
         channel_vectors(model, adapter_only=True)
     with pytest.raises(CleantuneError, match="no LoRA on q_proj and o_proj"):
@@ -141,7 +146,7 @@ def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_pa
     from cleantune.config import validate
     from cleantune.dispatch import run
 
-    inject = {"name": "sft", "lora": {"r": 4, "alpha": 8, "targets": "all-linear"}}
+    inject = {"name": "sft", "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}
     injected = run(validate(_tree(tiny_chat_llama, tmp_path, defense=inject), "test"))
     defense = {"name": "signature", "variants": 2, "variant_samples": 6, "workers": 2, "cache": str(tmp_path / "cache")}
     defense |= {"fine_tune_samples": 4, "variant_train": {"epochs": 1, "batch_size": 4}}
@@ -199,7 +204,7 @@ def test_the_sanity_command_writes_table_1_for_an_adapter(tiny_chat_llama: Path,
     from cleantune.config import validate
     from cleantune.dispatch import run
 
-    tree = _tree(tiny_chat_llama, tmp_path, defense={"name": "sft", "lora": {"r": 4, "targets": "all-linear"}})
+    tree = _tree(tiny_chat_llama, tmp_path, defense={"name": "sft", "lora": {"r": 4, "target_modules": "all-linear"}})
     adapter = run(validate(tree, "test"))["product"]
     config = tmp_path / "gen.yaml"
     config.write_text(json.dumps(tree))

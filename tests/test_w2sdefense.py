@@ -8,7 +8,7 @@ from conftest import run_tree, tiny_context
 
 from cleantune.config import validate
 from cleantune.defenses.base import pooled
-from cleantune.defenses.peft_baselines import PeftBaseline, VirtualTokenConfig
+from cleantune.defenses.peft_baselines import ADAPTER, LoraTuningConfig, PeftBaseline, VirtualTokenConfig, lora_layers
 from cleantune.defenses.w2sdefense import (
     W2SDefense,
     W2SDefenseConfig,
@@ -17,6 +17,7 @@ from cleantune.defenses.w2sdefense import (
     token_alignment_loss,
 )
 from cleantune.dispatch import run
+from cleantune.lora import LoraSpec
 from cleantune.models import load_model
 
 
@@ -115,3 +116,19 @@ def test_a_virtual_token_decoder_scores_each_examples_last_real_token(tiny_llama
         out = model(**batch, output_hidden_states=True)
         last_real = pooled(out.hidden_states[-1], batch["attention_mask"], decoder=True)
         torch.testing.assert_close(out.logits, model.get_base_model().score(last_real))
+
+
+@pytest.mark.parametrize(
+    ("r", "alpha", "rank", "scale"), [(0.125, "r", 6, 1.0), (0.3, 4.0, 14, 4 / 14), (5, 10.0, 5, 2.0)]
+)
+def test_a_rank_given_as_a_share_of_the_width_keeps_the_papers_proportion(
+    tiny_llama_wide, data_dir, r, alpha, rank, scale
+):
+    # The paper's student: r 512 of Llama's 4,096; on the 48-wide tiny Llama an eighth is 6.
+    loaded = load_model(str(tiny_llama_wide), num_labels=2)
+    ctx = tiny_context(loaded.tokenizer, data_dir, "poisoned-weights")
+    model = PeftBaseline(LoraTuningConfig(lora=LoraSpec(r=r, alpha=alpha))).prepare(loaded.model, ctx)
+    layers = lora_layers(model)
+    assert layers and all(layer.r[ADAPTER] == rank for layer in layers.values())
+    assert all(layer.scaling[ADAPTER] == pytest.approx(scale) for layer in layers.values())
+    assert W2SDefenseConfig().student == LoraTuningConfig(lora=LoraSpec(r=0.125, alpha="r"))

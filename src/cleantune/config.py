@@ -13,10 +13,11 @@ from cleantune.analysis.fourier import FourierConfig
 from cleantune.attacks import AttackConfig, NoAttackConfig
 from cleantune.data import DataConfig
 from cleantune.defenses import DefenseConfig
-from cleantune.defenses.peft_baselines import LoraFamilyConfig
+from cleantune.defenses.peft_baselines import LoraTuningConfig
 from cleantune.errors import CleantuneError
 from cleantune.generative.config import LLMRunConfig
 from cleantune.io import read_yaml
+from cleantune.lora import upgrade
 from cleantune.models import ModelConfig
 from cleantune.schema import RunBase
 from cleantune.training import TrainConfig
@@ -31,7 +32,7 @@ class RunConfig(RunBase):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     attack: AttackConfig = NoAttackConfig()
-    defense: DefenseConfig = LoraFamilyConfig()
+    defense: DefenseConfig = LoraTuningConfig()
     train: TrainConfig = TrainConfig()
     # Score CACC/ASR on another task's data (weight poisoning: train on the IMDB proxy, test on SST-2).
     eval_data: DataConfig | None = None
@@ -80,6 +81,8 @@ def overridden(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, A
 
 def validate(tree: dict[str, Any], source: str) -> AnyRunConfig:
     """A run config of the task ``tree`` names (``task``, default classification)."""
+    if isinstance(tree.get("defense"), dict):
+        tree = {**tree, "defense": upgrade(tree["defense"])}
     try:
         return RUN_CONFIG.validate_python(tree)
     except ValidationError as err:

@@ -3,12 +3,11 @@ cannot drift from them: ``python -m cleantune.reference > docs/config-reference.
 
 from __future__ import annotations
 
-import re
+import types
 import typing
 from collections.abc import Iterator
 
 from pydantic import BaseModel
-from pydantic.fields import FieldInfo
 
 from cleantune.config import RunConfig
 from cleantune.generative.config import LLMRunConfig
@@ -21,28 +20,38 @@ def _models(annotation: object) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models(arg)]
 
 
+def _name(annotation: object) -> str:
+    """A type as a reader writes it: unions with |, constraints (Annotated) left out."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
+
+
 def _type(annotation: object) -> str:
-    choices = _models(annotation)
-    if len(choices) > 1:
+    if len(_models(annotation)) > 1:
         return "one of the sections below, by `name`"
-    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    for noise in ("typing.", "pathlib.", "annotated_types.", "NoneType"):
-        text = text.replace(noise, "None" if noise == "NoneType" else "")
-    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)
-    return re.sub(r"(\w+\.)+(\w+Config)", r"\2", text)
+    return _name(annotation)
 
 
-def _default(field: FieldInfo) -> str:
-    if field.is_required():
-        return "required"
-    value = field.get_default(call_default_factory=True)  # a list default comes from a factory
+def _default(value: object) -> str:
     if isinstance(value, BaseModel):
         return f"{{name: {value.name}}}" if "name" in type(value).model_fields else "(section below)"
     return f"`{value}`"
 
 
-def _sections(model: type[BaseModel], path: str, seen: set[str]) -> Iterator[str]:
-    key = f"{path}:{model.__name__}"
+def _sections(model: type[BaseModel], path: str, seen: set[str], instance: BaseModel | None = None) -> Iterator[str]:
+    """``model``'s table, then its sections'; ``instance``, the default the enclosing field gives
+    (MuScleLoRA's own LoRA, say), supplies the defaults shown where there is one."""
+    key = f"{path}:{model.__name__}:{instance!r}"
     if key in seen:
         return
     seen.add(key)
@@ -53,10 +62,17 @@ def _sections(model: type[BaseModel], path: str, seen: set[str]) -> Iterator[str
     nested = []
     for name, field in model.model_fields.items():
         shown = _type(field.annotation).replace("|", "\\|")  # a pipe would end the table cell
-        yield f"| `{name}` | {shown} | {_default(field)} |"
-        nested += [(f"{path}.{name}".lstrip("."), sub) for sub in _models(field.annotation)]
-    for sub_path, sub in nested:
-        yield from _sections(sub, sub_path, seen)
+        if instance is not None:
+            value = getattr(instance, name)
+        elif field.is_required():
+            value = None
+        else:
+            value = field.get_default(call_default_factory=True)  # a list default comes from a factory
+        yield f"| `{name}` | {shown} | {'required' if value is None and field.is_required() else _default(value)} |"
+        for sub in _models(field.annotation):
+            nested.append((f"{path}.{name}".lstrip("."), sub, value if isinstance(value, sub) else None))
+    for sub_path, sub, default in nested:
+        yield from _sections(sub, sub_path, seen, default)
 
 
 def reference() -> str:

@@ -18,6 +18,7 @@ from transformers import set_seed
 from cleantune.config import RunConfig
 from cleantune.defenses import DefenseConfig, build_defense
 from cleantune.errors import CleantuneError
+from cleantune.lora import upgrade
 from cleantune.models import load_model
 from cleantune.pipeline import defense_context, prepare
 from cleantune.training import TrainConfig, build_trainer, fit, tokenize
@@ -25,7 +26,7 @@ from cleantune.training import TrainConfig, build_trainer, fit, tokenize
 
 def parse_defense(tree: Any) -> DefenseConfig:
     try:
-        return TypeAdapter(DefenseConfig).validate_python(tree)
+        return TypeAdapter(DefenseConfig).validate_python(upgrade(tree) if isinstance(tree, dict) else tree)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise CleantuneError(f"invalid defense {tree!r}: {problems}") from None

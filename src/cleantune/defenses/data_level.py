@@ -16,9 +16,9 @@ from torch import nn
 
 from cleantune.defenses.base import Defense, DefenseContext, Victim
 from cleantune.defenses.finetune import FineTuneConfig, FullFineTune
-from cleantune.defenses.peft_baselines import LoraFamilyConfig, PeftBaseline, VirtualTokenConfig
+from cleantune.defenses.peft_baselines import LoraTuningConfig, PeftBaseline, VirtualTokenConfig
 
-Under = Annotated[FineTuneConfig | LoraFamilyConfig | VirtualTokenConfig, Field(discriminator="name")]
+Under = Annotated[FineTuneConfig | LoraTuningConfig | VirtualTokenConfig, Field(discriminator="name")]
 
 
 class DataLevelDefense(Defense):

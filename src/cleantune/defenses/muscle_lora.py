@@ -35,6 +35,7 @@ from transformers import DataCollatorWithPadding
 
 from cleantune.defenses.base import Defense, DefenseContext
 from cleantune.errors import CleantuneError
+from cleantune.lora import LoraSpec, defaulting_to, lora_config
 from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 from cleantune.training import StepInfo
@@ -60,6 +61,11 @@ FALLBACK_WIDTH = {"bert": 768, "roberta": 768, "llama": 4096}
 DECODER_HEAD_WIDTH = 16
 
 
+# The authors' LoRA: r 8, alpha 32, no dropout, on the attention's query / value.
+AUTHORS_LORA = LoraSpec(alpha=32.0, dropout=0.0)
+AuthorsLora = defaulting_to(AUTHORS_LORA)
+
+
 class MuScleLoRAConfig(StrictModel):
     name: Literal["muscle-lora"] = "muscle-lora"
     ms: bool = True
@@ -69,10 +75,7 @@ class MuScleLoRAConfig(StrictModel):
     rank: PositiveInt = 1  # bandwidth r of each scale
     alpha: float | None = Field(None, gt=0)  # default: per model family
     placement: str | None = None  # module to wrap; default: per model family
-    lora_r: PositiveInt = 8
-    lora_alpha: float = Field(32.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: list[str] | None = None  # None: PEFT's attention defaults (query/value)
+    lora: AuthorsLora = AUTHORS_LORA
     train_head: bool = False  # the authors keep the freshly initialised head frozen
     clean_aux: PositiveInt = 96
     # The extra backward pass costs in proportion to this; a smaller clean batch is the cheaper way
@@ -245,19 +248,15 @@ class MuScleLoRA(Defense):
         return model
 
     def _with_lora(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        cfg: MuScleLoRAConfig = self.cfg
+        spec: LoraSpec = self.cfg.lora
         trainable = {name for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
-        # modules_to_save=[] stops PEFT from making the head trainable; the multi-scale module is
-        # excluded from LoRA's targets by its own parameter names.
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_targets or _attention_targets(model),
-        )
-        peft_model = get_peft_model(model, lora)
+        # No task type, so PEFT leaves the head frozen; the multi-scale module is excluded from LoRA's
+        # targets by its own parameter names.
+        if spec.target_modules is None:
+            spec = spec.model_copy(update={"target_modules": _attention_targets(model)})
+        peft_model = get_peft_model(model, lora_config(spec, model))
         for name, parameter in peft_model.named_parameters():
             if any(name.endswith(keep) for keep in trainable):
                 parameter.requires_grad_(True)
@@ -350,7 +349,7 @@ def _attention_targets(model: nn.Module) -> list[str]:
 
     model_type = getattr(model.config, "model_type", None)
     if model_type not in TARGETS:
-        raise CleantuneError(f"no default LoRA targets for model type '{model_type}'; set defense.lora_targets")
+        raise CleantuneError(f"no default LoRA targets for model type '{model_type}'; set defense.lora.target_modules")
     return list(TARGETS[model_type])
 
 

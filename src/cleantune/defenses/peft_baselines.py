@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Literal
 
 from peft import (
-    LoraConfig,
     PeftConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -20,40 +19,27 @@ from peft import (
     get_peft_model,
 )
 from peft.tuners.lora import LoraLayer
-from pydantic import Field, PositiveInt
+from pydantic import PositiveInt
 from torch import nn
 
 from cleantune.defenses.base import Defense, DefenseContext
+from cleantune.lora import LoraSpec, lora_config
 from cleantune.models import pad_for_embedded_prompts
 from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
 
-class LoraFamilyConfig(StrictModel):
-    name: Literal["lora", "dora", "pissa", "olora"] = "lora"
-    r: PositiveInt = 8
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] | None = None  # None: PEFT's default for the architecture (query/value)
+class LoraTuningConfig(StrictModel):
+    """LoRA, or with the spec's flags DoRA, PiSSA or OLoRA."""
+
+    name: Literal["lora"] = "lora"
+    lora: LoraSpec = LoraSpec()
 
 
 class VirtualTokenConfig(StrictModel):
     name: Literal["prefix", "prompt", "ptuning"] = "prefix"
     num_virtual_tokens: PositiveInt = 20
     encoder_hidden_size: PositiveInt = 128  # p-tuning's prompt encoder
-
-
-def lora_config(cfg: LoraFamilyConfig, task_type: TaskType) -> LoraConfig:
-    init = {"pissa": "pissa", "olora": "olora"}.get(cfg.name, True)
-    return LoraConfig(
-        task_type=task_type,
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        use_dora=cfg.name == "dora",
-        init_lora_weights=init,
-    )
 
 
 def virtual_token_config(cfg: VirtualTokenConfig, task_type: TaskType) -> PeftConfig:
@@ -78,10 +64,10 @@ def task_type(ctx: DefenseContext) -> TaskType:
     return TaskType.SEQ_CLS if ctx.num_labels > 0 else TaskType.CAUSAL_LM
 
 
-def peft_model(model: nn.Module, cfg: LoraFamilyConfig | VirtualTokenConfig, ctx: DefenseContext) -> PeftModel:
+def peft_model(model: nn.Module, cfg: LoraTuningConfig | VirtualTokenConfig, ctx: DefenseContext) -> PeftModel:
     """``model`` wrapped by PEFT as ``cfg`` says, with the padding its scoring needs."""
-    if isinstance(cfg, LoraFamilyConfig):
-        return get_peft_model(model, lora_config(cfg, task_type(ctx)))
+    if isinstance(cfg, LoraTuningConfig):
+        return get_peft_model(model, lora_config(cfg.lora, model, task_type(ctx)))
     wrapped = get_peft_model(model, virtual_token_config(cfg, task_type(ctx)))
     pad_for_embedded_prompts(wrapped, ctx.tokenizer)
     return wrapped
@@ -94,5 +80,5 @@ class PeftBaseline(Defense):
         return peft_model(model, self.cfg, ctx)
 
 
-CLASSIFICATION.register(LoraFamilyConfig, PeftBaseline)
+CLASSIFICATION.register(LoraTuningConfig, PeftBaseline)
 CLASSIFICATION.register(VirtualTokenConfig, PeftBaseline)

@@ -37,7 +37,6 @@ from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 import torch
-from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from pydantic import Field, PositiveInt
 from torch import nn
@@ -45,8 +44,9 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from cleantune.defenses.base import Defense, DefenseContext
-from cleantune.defenses.peft_baselines import ADAPTER, LoraFamilyConfig, lora_config, lora_layers, task_type
+from cleantune.defenses.peft_baselines import ADAPTER, LoraTuningConfig, lora_layers, peft_model
 from cleantune.errors import CleantuneError
+from cleantune.lora import LoraSpec
 from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 
@@ -56,11 +56,7 @@ Fraction = Annotated[float, Field(gt=0, le=1)]
 
 class RoRAConfig(StrictModel):
     name: Literal["rora"] = "rora"
-    variant: Literal["lora", "dora", "pissa", "olora"] = "lora"
-    r: PositiveInt = 8
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)  # LoRA's own dropout on the adapter input
-    target_modules: list[str] | None = None  # None: PEFT's default for the architecture (query/value)
+    lora: LoraSpec = LoraSpec()  # the adapter RoRA trains; its DoRA / PiSSA / OLoRA flags give the variants
     ci: bool = True
     tr: bool = True
     pt: bool = True
@@ -140,11 +136,8 @@ class RoRA(Defense):
 
     def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
         cfg: RoRAConfig = self.cfg
-        family = LoraFamilyConfig(
-            name=cfg.variant, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules
-        )
-        peft_model = get_peft_model(model, lora_config(family, task_type(ctx)))
-        self.layers = lora_layers(peft_model)
+        wrapped = peft_model(model, LoraTuningConfig(lora=cfg.lora), ctx)
+        self.layers = lora_layers(wrapped)
         self.top = top_blocks(list(self.layers), cfg.rescale_layers)
         self.subspaces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.w_pre: dict[str, torch.Tensor] = {}
@@ -164,7 +157,7 @@ class RoRA(Defense):
             self.sigma_pre[name] = float(S[0])
             if name in self.top:
                 self.w_pre[name] = w_pre
-            if cfg.variant in ("pissa", "olora"):
+            if cfg.lora.init != "default":
                 self.start[name] = (
                     layer.lora_A[ADAPTER].weight.detach().clone(),
                     layer.lora_B[ADAPTER].weight.detach().clone(),
@@ -172,7 +165,7 @@ class RoRA(Defense):
             if cfg.ci:
                 self._add_weight_dropout(base)
         self.scales: dict[str, float] = {}
-        return peft_model
+        return wrapped
 
     def _add_weight_dropout(self, base: nn.Linear) -> None:
         if self.cfg.dropout_on == "weight":
@@ -209,7 +202,7 @@ class RoRA(Defense):
             w_pre = self.w_pre[name].to(frozen_weight(layer).device)
             delta = effective_weight(layer) - w_pre
             s = rescale_factor(self.sigma_pre[name], delta)
-            if self.cfg.variant == "lora":
+            if self.cfg.lora.variant == "lora":
                 layer.lora_B[ADAPTER].weight.mul_(s)  # ΔW = sBA: the product stays a plain adapter
             else:
                 set_effective_weight(layer, w_pre + s * delta)
@@ -234,7 +227,7 @@ class RoRA(Defense):
         tensors = []
         for name in sorted(self.top):
             layer = self.layers[name]
-            if self.cfg.variant == "lora":  # the rescale multiplies B alone
+            if self.cfg.lora.variant == "lora":  # the rescale multiplies B alone
                 tensors.append(layer.lora_B[ADAPTER].weight)
                 continue
             tensors.append(frozen_weight(layer))

@@ -34,8 +34,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from cleantune.defenses.base import Defense, DefenseContext, is_decoder_classifier, pooled
-from cleantune.defenses.peft_baselines import LoraFamilyConfig, VirtualTokenConfig, peft_model
+from cleantune.defenses.peft_baselines import LoraTuningConfig, VirtualTokenConfig, peft_model
 from cleantune.io import atomic_dir, atomic_write_json, read_json
+from cleantune.lora import LoraSpec
 from cleantune.models import load_model
 from cleantune.offline import MINILM_ID, cache_dir
 from cleantune.registry import CLASSIFICATION
@@ -64,7 +65,10 @@ WEIGHTS: dict[str, tuple[float, float, float]] = {
 
 class W2SDefenseConfig(StrictModel):
     name: Literal["w2sdefense"] = "w2sdefense"
-    student: Annotated[LoraFamilyConfig | VirtualTokenConfig, Field(discriminator="name")] = LoraFamilyConfig()
+    # The paper's student: LoRA r 512, alpha 512 on a 4,096-wide model, an eighth of its width.
+    student: Annotated[LoraTuningConfig | VirtualTokenConfig, Field(discriminator="name")] = LoraTuningConfig(
+        lora=LoraSpec(r=0.125, alpha="r")
+    )
     teacher: TeacherConfig = TeacherConfig()
     weights: Literal["badnet", "insent", "synattack"] = "insent"
     # Each replaces its term's weight in the chosen set.

@@ -17,7 +17,7 @@ from torch import nn
 
 from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense
-from cleantune.generative.sft import LLMLoraConfig, add_lora
+from cleantune.generative.sft import LLM_LORA, LLMLora, add_lora
 from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
@@ -26,7 +26,7 @@ class CROWConfig(StrictModel):
     name: Literal["crow"] = "crow"
     epsilon: float = Field(0.1, ge=0)  # FGSM step on the input embeddings
     alpha: float = Field(5.5, ge=0)  # weight of the consistency loss
-    lora: LLMLoraConfig = LLMLoraConfig()
+    lora: LLMLora = LLM_LORA
 
 
 def consistency_loss(hidden_states: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:

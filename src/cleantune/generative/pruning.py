@@ -19,7 +19,7 @@ from cleantune.data import subsample
 from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense, decoder_layers, mlp_channels
 from cleantune.generative.instructions import prompt_ids
-from cleantune.generative.sft import LLMLoraConfig, trainable_model
+from cleantune.generative.sft import LLM_LORA, trainable_model
 from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
@@ -90,7 +90,7 @@ class Pruning(LLMDefense):
                     self.pruned.append(piece.module)
         if not self.trains:
             return model
-        return trainable_model(model, "lora" if ctx.adapter_only else "full", LLMLoraConfig())
+        return trainable_model(model, "lora" if ctx.adapter_only else "full", LLM_LORA)
 
     def finalize(self, model: nn.Module) -> nn.Module:
         for module in self.pruned:

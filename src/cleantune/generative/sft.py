@@ -10,44 +10,31 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from pydantic import Field, PositiveInt
+from peft import PeftModel, TaskType, get_peft_model
 from torch import nn
 
 from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense
+from cleantune.lora import LoraSpec, defaulting_to, lora_config
 from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
-
-class LLMLoraConfig(StrictModel):
-    r: PositiveInt = 8
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    # PEFT's default for the model type when None (q_proj/v_proj for Llama); "all-linear" adds the MLP.
-    targets: list[str] | Literal["all-linear"] | None = None
+# The instruction-tuning LoRA: as the classification one with the usual 0.05 dropout of LLM recipes.
+LLM_LORA = LoraSpec(dropout=0.05)
+LLMLora = defaulting_to(LLM_LORA)
 
 
 class SFTConfig(StrictModel):
     name: Literal["sft"] = "sft"
     method: Literal["lora", "full"] = "lora"
-    lora: LLMLoraConfig = LLMLoraConfig()
+    lora: LLMLora = LLM_LORA
 
 
-def add_lora(model: nn.Module, cfg: LLMLoraConfig) -> PeftModel:
-    return get_peft_model(
-        model,
-        LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=cfg.r,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=cfg.targets,
-        ),
-    )
+def add_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
+    return get_peft_model(model, lora_config(spec, model, TaskType.CAUSAL_LM))
 
 
-def trainable_model(model: nn.Module, method: Literal["lora", "full"], lora: LLMLoraConfig) -> nn.Module:
+def trainable_model(model: nn.Module, method: Literal["lora", "full"], lora: LoraSpec) -> nn.Module:
     """A suspicious adapter trains on (LoRA) or is merged first (full); a plain model gets a fresh LoRA."""
     if isinstance(model, PeftModel):
         if method == "full":

@@ -43,7 +43,7 @@ from cleantune.generative.base import (
     head_channels,
     mlp_channels,
 )
-from cleantune.generative.sft import LLMLoraConfig, trainable_model
+from cleantune.generative.sft import LLM_LORA, trainable_model
 from cleantune.io import atomic_write_text
 from cleantune.models import load_model, resolve
 from cleantune.offline import cache_dir
@@ -327,7 +327,7 @@ class SignaturePurification(LLMDefense):
                 width = len(scores) // len(decoder_layers(model))
                 self.decided["heads"] = [[int(i) // width, int(i) % width] for i in signature]  # [layer, head]
             self.decided[f"changed_{kind}"] = changed
-        return trainable_model(model, "lora" if ctx.adapter_only else "full", LLMLoraConfig())
+        return trainable_model(model, "lora" if ctx.adapter_only else "full", LLM_LORA)
 
     def training_rows(self, ctx: LLMContext) -> Dataset:
         return subsample(ctx.train, self.cfg.fine_tune_samples, f"purify-{ctx.seed}")
