@@ -40,7 +40,7 @@ def test_lora_run_writes_a_complete_run_directory(tiny_tree):
     assert {"torch", "transformers", "peft"} <= set(saved["versions"])
     assert saved["commit"] is None or len(saved["commit"].removesuffix("+dirty")) >= 7
     assert saved["hardware"]["cpus"] >= 1 and saved["hardware"]["gpus"] == torch.cuda.device_count()
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["defense"]["r"] == 4
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["defense"]["lora"]["r"] == 4
 
 
 def test_adapter_loads_natively_and_reproduces_predictions(tiny_tree, tiny_bert):
