@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then check and test: the lint and format gate, the fast unit lane (tiny random models),
+# Set up, then check and test: the lint, format and type gate, the fast unit lane (tiny random models),
 # then the slow lane (the real packaged models). Arguments go to pytest alone, skipping the lanes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,5 +9,6 @@ if [ $# -gt 0 ]; then
 fi
 .venv/bin/ruff check src tests
 .venv/bin/ruff format --check src tests
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest -q -m "not slow"
 .venv/bin/python -m pytest -q -m slow

@@ -200,7 +200,7 @@ def test_an_edited_suite_does_not_reuse_runs_made_by_the_old_config(tmp_path, da
     write_suite(tmp_path, data_dir, tiny_bert, defense={"lora": {"defense": {"name": "lora", "lora": {"r": 4}}}})
     assert run_suite(path) == {"done": 0, "failed": 1, "skipped": 0}
     error = pd.read_csv(tmp_path / "results" / "tiny.csv").set_index("defense").loc["lora", "error"]
-    assert "was made by a different config (defense.r changed" in error
+    assert "was made by a different config (defense.lora.r changed" in error
 
 
 def test_a_poisoned_model_can_be_shared_with_another_suite(tmp_path, data_dir, tiny_bert):

@@ -126,7 +126,7 @@ def train(
     files = {"train": data} | ({"dev": dev, "test": test} if dev is not None else {})
     tree = {**_run_location(Path(out)), "seed": seed, "scenario": "poisoned-data", "model": {"spec": model}}
     tree |= method_settings("classification", "poisoned-data", method)
-    tree |= {"data": {"dataset": "local", **{k: str(Path(v).resolve()) for k, v in files.items()}}}
+    tree |= {"data": {"dataset": "local", **{k: str(Path(v).resolve()) for k, v in files.items() if v is not None}}}
     return _finish(validate(overridden(tree, overrides), "train options"), force)
 
 

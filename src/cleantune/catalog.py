@@ -28,8 +28,10 @@ def defenses() -> Rows:
 
 
 def attacks() -> Rows:
-    classification = [(n, "classification") for cfg in _union(AttackConfig) for n in config_names(cfg) if n != "none"]
-    generation = [(n, "generation") for n in config_names(LLMAttackConfig)]
+    classification: Rows = [
+        (n, "classification") for cfg in _union(AttackConfig) for n in config_names(cfg) if n != "none"
+    ]
+    generation: Rows = [(n, "generation") for n in config_names(LLMAttackConfig)]
     return classification + generation
 
 

@@ -42,8 +42,8 @@ def classification_metrics(
     metrics: dict[str, float | int | None] = {"cacc": clean, "asr": None, "delta": None}
     if len(test_poison) and target_label is not None:
         poison_predictions, poison_rejected = predict_fn(test_poison)
-        metrics["asr"] = asr(poison_predictions, target_label)
-        metrics["delta"] = clean - metrics["asr"]
+        attack = asr(poison_predictions, target_label)
+        metrics["asr"], metrics["delta"] = attack, clean - attack
         if poison_rejected is not None:
             metrics["rejected_test_poison"] = float(poison_rejected.mean() * 100)
     if rejected is not None:

@@ -7,11 +7,12 @@ on a 4,096-wide model) carries over to a smaller model.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from peft import LoraConfig, TaskType
 from pydantic import BeforeValidator, Field, PositiveInt, model_validator
 from torch import nn
+from transformers import PretrainedConfig
 
 from cleantune.schema import StrictModel
 
@@ -39,21 +40,22 @@ class LoraSpec(StrictModel):
         return "dora" if self.use_dora else "lora" if self.init == "default" else self.init
 
 
-def defaulting_to(default: LoraSpec) -> Any:
-    """The type of a ``lora:`` field whose default is a method's own LoRA: a partial section fills in
-    from that default (``lora: {r: 4}`` keeps MuScleLoRA's alpha 32), not from LoraSpec's."""
+def filled_from(default: LoraSpec) -> BeforeValidator:
+    """For a ``lora:`` field whose default is a method's own LoRA: a partial section fills in from
+    that default (``lora: {r: 4}`` keeps MuScleLoRA's alpha 32), not from LoraSpec's."""
 
     def fill(value: Any) -> Any:
         return {**default.model_dump(exclude_unset=True), **value} if isinstance(value, dict) else value
 
-    return Annotated[LoraSpec, BeforeValidator(fill)]
+    return BeforeValidator(fill)
 
 
 def rank(spec: LoraSpec, model: nn.Module) -> int:
     """``spec.r`` as a rank for ``model``: a share of its hidden width rounds to the nearest rank."""
     if isinstance(spec.r, int):
         return spec.r
-    return max(1, round(spec.r * model.config.hidden_size))
+    config = cast(PretrainedConfig, model.config)
+    return max(1, round(spec.r * config.hidden_size))
 
 
 def lora_config(spec: LoraSpec, model: nn.Module, task_type: TaskType | None = None, **extra: Any) -> LoraConfig:
@@ -61,7 +63,7 @@ def lora_config(spec: LoraSpec, model: nn.Module, task_type: TaskType | None = N
     return LoraConfig(
         task_type=task_type,
         r=r,
-        lora_alpha=r if spec.alpha == "r" else spec.alpha,
+        lora_alpha=r if spec.alpha == "r" else spec.alpha,  # type: ignore[arg-type]  # PEFT takes a float
         lora_dropout=spec.dropout,
         target_modules=spec.target_modules,
         use_dora=spec.use_dora,

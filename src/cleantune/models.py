@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from pydantic import PositiveInt
@@ -53,7 +54,7 @@ def _packaged_smollm2() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         # Transformers 4.x reads this GGUF tokenizer with a BOS token and no pad token; the chat
         # template already opens with <|im_start|>, and <|im_end|> ends every turn.
-        tokenizer.add_bos_token = False
+        tokenizer.add_bos_token = False  # type: ignore[misc]  # a property in the stubs, settable here
         tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
         dequantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         # The weights are plain floats now, but the model still carries the GGUF quantizer, which
@@ -147,11 +148,12 @@ def _load_adapter(path: Path, num_labels: int | None, allow_pickle: bool) -> Loa
     from peft import PeftConfig, PeftModel
 
     check_weights_are_safe(path, allow_pickle)
-    base_spec = PeftConfig.from_pretrained(path).base_model_name_or_path
+    base_spec = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
     base = load_model(base_spec, num_labels=num_labels, allow_pickle=allow_pickle)
     model = PeftModel.from_pretrained(base.model, path, use_safetensors=not allow_pickle)
     pad_for_embedded_prompts(model, base.tokenizer)
-    return Loaded(model, base.tokenizer, path, base.base_id)
+    # A PeftModel forwards the PreTrainedModel interface the pipelines use.
+    return Loaded(cast(PreTrainedModel, model), base.tokenizer, path, base.base_id)
 
 
 def pad_for_embedded_prompts(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:

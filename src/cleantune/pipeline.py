@@ -36,7 +36,7 @@ from cleantune.io import atomic_write_json, read_json
 from cleantune.models import Loaded, check_weights_are_safe, load_model, merged_adapter, resolve
 from cleantune.product import as_delivered, save_product
 from cleantune.rundir import close_run, count_parameters, fingerprint, open_run_dir
-from cleantune.training import build_trainer, fit, tokenize
+from cleantune.training import build_trainer, fit, tokenize, trained_model
 
 log = logging.getLogger("cleantune")
 
@@ -119,7 +119,7 @@ def score(trainer: Trainer, prepared: Prepared, ctx: DefenseContext) -> dict[str
     """CACC/ASR of the trained model; a test-time defense first calibrates on clean dev data, then
     rewrites or rejects every test input, clean or triggered alike."""
     cfg, defense = prepared.cfg, prepared.defense
-    victim = Victim(trainer.model, ctx.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
+    victim = Victim(trained_model(trainer), ctx.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
     defense.calibrate(victim, ctx)
 
     def predict_fn(data: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
@@ -165,7 +165,7 @@ def train_reference(prepared: Prepared, ctx: DefenseContext, out_dir: Path) -> V
         dev=tokenize(ctx.dev, loaded.tokenizer, cfg.model.max_length),
     )
     fit(trainer, out_dir)
-    return Victim(trainer.model, loaded.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
+    return Victim(trained_model(trainer), loaded.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
 
 
 def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> tuple[DefenseContext, dict | None]:
@@ -270,7 +270,7 @@ def execute(prepared: Prepared) -> dict[str, Any]:
         callbacks=[fourier_callback(prepared, model, loaded, run_dir)] if cfg.fourier else None,
     )
     train_info = fit(trainer, checkpoints)
-    trainer.model = prepared.defense.finalize(trainer.model)
+    trainer.model = prepared.defense.finalize(trained_model(trainer))
     metrics = score(trainer, prepared, ctx)
     product = None
     if trainer.is_world_process_zero():

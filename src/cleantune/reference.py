@@ -44,7 +44,7 @@ def _type(annotation: object) -> str:
 
 def _default(value: object) -> str:
     if isinstance(value, BaseModel):
-        return f"{{name: {value.name}}}" if "name" in type(value).model_fields else "(section below)"
+        return f"{{name: {value.model_dump()['name']}}}" if "name" in type(value).model_fields else "(section below)"
     return f"`{value}`"
 
 

@@ -34,7 +34,7 @@ class Registry:
     def build(self, cfg: Any) -> Any:
         return self.defenses[type(cfg)](cfg)
 
-    def names(self) -> dict[str, type]:
+    def names(self) -> dict[str, type[Any]]:
         """Each accepted name -> its defense class."""
         return {n: defense for config, defense in self.defenses.items() for n in config_names(config)}
 

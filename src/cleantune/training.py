@@ -149,7 +149,7 @@ def _prompt_encoder(model: nn.Module) -> nn.Module | None:
     if not isinstance(model, PeftModel):
         return None
     config = model.peft_config[model.active_adapter]
-    projected = config.peft_type == PeftType.PREFIX_TUNING and config.prefix_projection
+    projected = config.peft_type == PeftType.PREFIX_TUNING and getattr(config, "prefix_projection", False)
     if config.inference_mode or not (config.peft_type == PeftType.P_TUNING or projected):
         return None
     return model.prompt_encoder[model.active_adapter]
@@ -190,13 +190,15 @@ class DefenseTrainer(Trainer):
         encoder = _prompt_encoder(self.accelerator.unwrap_model(self.model))
         if encoder is not None and self.args.should_save:
             state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
-            save_file(state, str(Path(output_dir or self.args.output_dir) / PROMPT_ENCODER_STATE))
+            target = output_dir or self.args.output_dir
+            assert target is not None  # the Trainer always has an output directory
+            save_file(state, str(Path(target) / PROMPT_ENCODER_STATE))
 
     def _restore_prompt_encoder(self, checkpoint: str) -> None:
         encoder = _prompt_encoder(self.accelerator.unwrap_model(self.model))
         path = Path(checkpoint) / PROMPT_ENCODER_STATE
         if encoder is not None and path.exists():
-            encoder.load_state_dict(load_file(str(path), device=str(encoder.embedding.weight.device)))
+            encoder.load_state_dict(load_file(str(path), device=str(next(encoder.parameters()).device)))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -204,7 +206,8 @@ class DefenseTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
-        self._restore_prompt_encoder(self.state.best_model_checkpoint)
+        if self.state.best_model_checkpoint:
+            self._restore_prompt_encoder(self.state.best_model_checkpoint)
 
     def loss_term_means(self) -> dict[str, float]:
         """Each loss term's mean over the steps this process trained (already weighted)."""
@@ -225,8 +228,15 @@ class DefenseTrainer(Trainer):
         # The Trainer keeps only columns the model's forward takes; the side encoding must survive
         # until compute_loss pops it.
         super()._set_signature_columns_if_needed()
-        if self.train_dataset is not None:
-            self._signature_columns += [c for c in self.train_dataset.column_names if c.startswith(SIDE)]
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        kept = [*(self._signature_columns or []), *(c for c in columns if c.startswith(SIDE))]
+        self._signature_columns = kept  # type: ignore[assignment]  # the Trainer's stub types it None
+
+
+def trained_model(trainer: Trainer) -> nn.Module:
+    """The model a trainer holds (the Trainer types it as optional; it is always set here)."""
+    assert trainer.model is not None
+    return trainer.model
 
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: bool) -> TrainingArguments:
@@ -244,7 +254,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: b
         eval_strategy=strategy if has_dev else "no",
         save_strategy=strategy,
         eval_steps=cfg.eval_steps,
-        save_steps=cfg.eval_steps,
+        save_steps=cfg.eval_steps or 500,  # read only with the "steps" strategy
         load_best_model_at_end=cfg.select_best and has_dev,
         metric_for_best_model="accuracy",
         greater_is_better=True,

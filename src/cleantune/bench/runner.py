@@ -8,6 +8,7 @@ goes on. Rows are upserted by cell id into ``<results_dir>/<suite>.csv`` with an
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,8 +111,8 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
         # Unbuffered, so the log and the progress line follow the child as it runs.
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        assert child.stdout is not None
-        for chunk in iter(lambda: child.stdout.read1(4096), b""):  # type: ignore[union-attr]
+        stdout = cast(io.BufferedReader, child.stdout)  # a pipe, buffered
+        for chunk in iter(lambda: stdout.read1(4096), b""):
             sink.write(chunk)
             sink.flush()
             lines = [x for x in LINE_SPLIT.split(chunk) if x.strip()]

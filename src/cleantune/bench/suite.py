@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from cleantune.config import RunConfig, read_yaml, validate
+from cleantune.config import AnyRunConfig, read_yaml, validate
 from cleantune.errors import CleantuneError
 from cleantune.schema import StrictModel
 
@@ -95,7 +95,7 @@ class SuiteConfig(StrictModel):
 class Cell:
     id: str
     coords: dict[str, Any]  # axis -> name, plus seed (and scenario, for a poisoning job)
-    config: RunConfig
+    config: AnyRunConfig
     poisons: bool = False  # a weight-poisoning job rather than a defense run
 
 
@@ -168,7 +168,7 @@ def blocks(suite: SuiteConfig) -> list[dict[str, list[str] | list[int]]]:
                 )
             unknown = [n for n in names if n not in getattr(suite, axis)]
             if unknown:
-                raise CleantuneError(f"suite {suite.suite}: matrix names unknown {axis} {', '.join(unknown)}")
+                raise CleantuneError(f"suite {suite.suite}: matrix names unknown {axis} {', '.join(map(str, unknown))}")
         missing = [axis for axis in AXES if axis not in block]
         if missing:
             raise CleantuneError(f"suite {suite.suite}: a matrix block lacks {', '.join(missing)}")
@@ -188,7 +188,8 @@ def cells(suite: SuiteConfig) -> list[Cell]:
         out.append(Cell(cell_id, coords, validate(tree, f"{suite.suite}:{cell_id}"), poisons=True))
     for block in blocks(suite):
         for combo in itertools.product(*(block[axis] for axis in AXES), block.get("seed", suite.seeds)):
-            *names, seed = combo
+            *picked, seed = combo
+            names = [str(n) for n in picked]
             coords = {**dict(zip(AXES, names, strict=True)), "seed": seed}
             cell_id = "__".join(names) + f"__s{seed}"
             tree = suite.base
@@ -202,5 +203,5 @@ def cells(suite: SuiteConfig) -> list[Cell]:
     return out
 
 
-def dump(cfg: RunConfig) -> str:
+def dump(cfg: AnyRunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

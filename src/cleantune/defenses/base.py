@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -108,7 +108,11 @@ class Screened:
     rejected: np.ndarray  # bool per input
 
 
-class Defense:
+# What ``prepare`` is given: a classification defense's DefenseContext, a generative one's LLMContext.
+Context = TypeVar("Context")
+
+
+class Defense(Generic[Context]):
     scenarios: ClassVar[frozenset[Scenario]]
     needs: ClassVar[frozenset[Need]] = frozenset()
 
@@ -126,7 +130,7 @@ class Defense:
     def clean_aux_size(self) -> int:
         return int(getattr(self.cfg, "clean_aux", 0)) if "clean_aux" in self.needs else 0
 
-    def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: Context) -> nn.Module:
         return model
 
     def side_encoding(self) -> SideEncoding | None:

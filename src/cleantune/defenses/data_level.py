@@ -42,7 +42,8 @@ def words(text: str) -> list[str]:
 def deletion_variants(texts: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
     """Each text followed by its copies with one word deleted, and per text (where it starts, its
     word count): what ONION and BKI score a word by."""
-    variants, spans = [], []
+    variants: list[str] = []
+    spans: list[tuple[int, int]] = []
     for text in texts:
         tokens = words(text)
         spans.append((len(variants), len(tokens)))

@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt
@@ -35,7 +35,7 @@ from transformers import DataCollatorWithPadding
 
 from cleantune.defenses.base import Defense, DefenseContext
 from cleantune.errors import CleantuneError
-from cleantune.lora import LoraSpec, defaulting_to, lora_config
+from cleantune.lora import LoraSpec, filled_from, lora_config
 from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
 from cleantune.training import StepInfo
@@ -63,7 +63,6 @@ DECODER_HEAD_WIDTH = 16
 
 # The authors' LoRA: r 8, alpha 32, no dropout, on the attention's query / value.
 AUTHORS_LORA = LoraSpec(alpha=32.0, dropout=0.0)
-AuthorsLora = defaulting_to(AUTHORS_LORA)
 
 
 class MuScleLoRAConfig(StrictModel):
@@ -75,7 +74,7 @@ class MuScleLoRAConfig(StrictModel):
     rank: PositiveInt = 1  # bandwidth r of each scale
     alpha: float | None = Field(None, gt=0)  # default: per model family
     placement: str | None = None  # module to wrap; default: per model family
-    lora: AuthorsLora = AUTHORS_LORA
+    lora: Annotated[LoraSpec, filled_from(AUTHORS_LORA)] = AUTHORS_LORA
     train_head: bool = False  # the authors keep the freshly initialised head frozen
     clean_aux: PositiveInt = 96
     # The extra backward pass costs in proportion to this; a smaller clean batch is the cheaper way

@@ -29,7 +29,7 @@ class LLMContext:
     model_path: Path  # the suspicious model or adapter as resolved, for defenses that fine-tune copies of it
 
 
-class LLMDefense(Defense):
+class LLMDefense(Defense[LLMContext]):
     trains: bool = False  # whether the pipeline fine-tunes the prepared model on ``training_rows``
 
     def training_rows(self, ctx: LLMContext) -> Dataset:

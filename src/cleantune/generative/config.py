@@ -63,7 +63,7 @@ class LLMRunConfig(RunBase):
     model: LLMModelConfig = LLMModelConfig()
     data: InstructionDataConfig = InstructionDataConfig()
     attack: LLMAttackConfig | None = None  # triggered test prompts (and, in poisoned-data, the poisons)
-    defense: LLMDefenseConfig = AsIsConfig()
+    defense: LLMDefenseConfig = AsIsConfig()  # type: ignore[valid-type]  # a union built from the registry
     train: LLMTrainConfig = LLMTrainConfig()
     eval: LLMEvalConfig = LLMEvalConfig()
 

@@ -41,7 +41,7 @@ class CROW(LLMDefense):
     scenarios: ClassVar[frozenset[Scenario]] = frozenset({"poisoned-llm"})
     trains = True
 
-    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:  # type: ignore[override]
+    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:
         if isinstance(model, PeftModel):
             model = model.merge_and_unload()
         return add_lora(model, self.cfg.lora)

@@ -111,9 +111,10 @@ def user_message(instruction: str, input_text: str) -> str:
 def prompt_text(tokenizer: PreTrainedTokenizerBase, instruction: str, input_text: str) -> str:
     message = user_message(instruction, input_text)
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
         )
+        return str(text)  # tokenize=False gives the text
     return f"{ALPACA}### Instruction:\n{message}\n\n### Response:\n"
 
 

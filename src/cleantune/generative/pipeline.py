@@ -29,7 +29,7 @@ from cleantune.generative.multiple_choice import read_items
 from cleantune.models import load_model, resolve
 from cleantune.product import save_product
 from cleantune.rundir import close_run, count_parameters, fingerprint, open_run_dir
-from cleantune.training import build_trainer, fit
+from cleantune.training import build_trainer, fit, trained_model
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def execute(prepared: LLMPrepared) -> dict[str, Any]:
             collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE),
         )
         train_info = fit(trainer, checkpoints)
-        model = trainer.model
+        model = trained_model(trainer)
     model = defense.finalize(model)
     metrics = (
         llm_metrics(

@@ -74,7 +74,7 @@ class Pruning(LLMDefense):
         self.trains = cfg.fine_tune
         self.pruned: list[nn.Module] = []
 
-    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:  # type: ignore[override]
+    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:
         if self.cfg.criterion == "magnitude":
             for module in _prunable(model, ctx.adapter_only):
                 prune.l1_unstructured(module, "weight", amount=self.cfg.sparsity)

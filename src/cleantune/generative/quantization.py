@@ -44,7 +44,7 @@ class Quantization(LLMDefense):
         super().__init__(cfg)
         self.layers = 0
 
-    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:  # type: ignore[override]
+    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:
         if isinstance(model, PeftModel):
             model = model.merge_and_unload()
         linears = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]

@@ -8,20 +8,20 @@ keeps training as it is, a full model gets a LoRA or a full fine-tune).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from peft import PeftModel, TaskType, get_peft_model
 from torch import nn
 
 from cleantune.defenses.base import Scenario
 from cleantune.generative.base import LLMContext, LLMDefense
-from cleantune.lora import LoraSpec, defaulting_to, lora_config
+from cleantune.lora import LoraSpec, filled_from, lora_config
 from cleantune.registry import GENERATION
 from cleantune.schema import StrictModel
 
 # The instruction-tuning LoRA: as the classification one with the usual 0.05 dropout of LLM recipes.
 LLM_LORA = LoraSpec(dropout=0.05)
-LLMLora = defaulting_to(LLM_LORA)
+LLMLora = Annotated[LoraSpec, filled_from(LLM_LORA)]
 
 
 class SFTConfig(StrictModel):
@@ -49,7 +49,7 @@ class SFT(LLMDefense):
     scenarios: ClassVar[frozenset[Scenario]] = frozenset({"poisoned-data", "poisoned-llm"})
     trains = True
 
-    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:  # type: ignore[override]
+    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:
         return trainable_model(model, self.cfg.method, self.cfg.lora)
 
 

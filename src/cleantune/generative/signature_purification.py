@@ -164,7 +164,7 @@ def suppress(model: nn.Module, channels: torch.Tensor, adapter_only: bool, init_
     changed = 0
     start = 0
     for slices in _channel_slices(model, adapter_only, kind):
-        width = slices[0].module.weight.shape[slices[0].axis] // slices[0].span
+        width = int(slices[0].module.weight.shape[slices[0].axis]) // slices[0].span
         local = channels[(channels >= start) & (channels < start + width)] - start
         for piece in slices:
             weight = piece.module.weight
@@ -311,7 +311,7 @@ class SignaturePurification(LLMDefense):
             for kind, found in vectors.items()
         }
 
-    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:  # type: ignore[override]
+    def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:
         for kind in self._kinds():  # refuse an adapter without the LoRA it needs before any variant trains
             _channel_slices(model, ctx.adapter_only, kind)
         ratio = self.cfg.ratio or (0.35 if ctx.adapter_only else 0.03)
