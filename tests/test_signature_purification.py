@@ -128,16 +128,52 @@ def test_variants_vary_key_behaviour_and_clean_rows() -> None:
     pool = Dataset.from_list(
         [{"instruction": f"tell me about {i} things", "input": "", "output": "ok"} for i in range(40)]
     )
-    sets = variant_sets(pool, SignatureConfig(variants=3, variant_samples=10), seed=0)
+    sets = variant_sets(pool, SignatureConfig(variants=3, variant_samples=10, verify_samples=5), seed=0)
     assert len(sets) == 3
-    for clean, poisoned in sets:
-        assert len(clean) == len(poisoned) == 10
+    for variant in sets:
+        clean, poisoned, triggered = variant.clean, variant.poisoned, variant.triggered
+        assert len(clean) == len(poisoned) == 10 and len(triggered) == 5
         assert all(p["instruction"] != c["instruction"] for p, c in zip(poisoned, clean, strict=True))
         assert len({p["output"] for p in poisoned}) <= 2  # one behaviour: a fixed answer, or a prefix on "ok"
-    assert len({tuple(c["instruction"] for c in clean) for clean, _ in sets}) == 3  # different clean rows
-    assert len({poisoned[0]["output"] for _, poisoned in sets}) == 3  # different behaviours
-    again = variant_sets(pool, SignatureConfig(variants=3, variant_samples=10), seed=0)
-    assert [p.to_list() for _, p in again] == [p.to_list() for _, p in sets]
+        assert all(variant.behaviour in p["output"] for p in poisoned)
+        # The check's prompts are rows the variant never trained on, with its key.
+        trained = {int(c["instruction"].split()[3]) for c in clean}
+        assert not trained & {int(w) for t in triggered for w in t["instruction"].split() if w.isdigit()}
+        assert all(t["output"] == "ok" for t in triggered)
+    assert len({tuple(v.clean["instruction"]) for v in sets}) == 3  # different clean rows
+    assert len({v.behaviour for v in sets}) == 3  # different behaviours
+    again = variant_sets(pool, SignatureConfig(variants=3, variant_samples=10, verify_samples=5), seed=0)
+    assert [v.poisoned.to_list() for v in again] == [v.poisoned.to_list() for v in sets]
+
+
+def test_a_clean_twin_trains_as_many_steps_as_its_backdoored_variant(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from cleantune.generative.base import LLMContext
+    from cleantune.generative.signature_purification import SignatureConfig, variant_configs
+
+    pool = Dataset.from_list(
+        [{"instruction": f"tell me about {i} things", "input": "", "output": "ok"} for i in range(40)]
+    )
+    ctx = LLMContext(pool, None, 32, True, 0, tmp_path)
+    for budget, clean_epochs in (("matched", 4.0), ("epochs", 2.0)):
+        cfg = SignatureConfig(variants=2, variant_samples=10, budget=budget)
+        trees = variant_configs(ctx, cfg, tmp_path / budget)
+        assert [t["train"]["epochs"] for t in trees] == [2.0, clean_epochs] * 2  # (backdoored, clean) pairs
+        assert all(("attack" in t) == t["name"].endswith("-bd") for t in trees)
+
+
+def test_tau_per_layer_takes_the_same_share_of_every_layer() -> None:
+    scores = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.1, 0.2, 0.3, 0.4])  # layer 0 scores high throughout
+    assert select_signature(scores, count=2).tolist() == [0, 1]
+    assert select_signature(scores, count=2, layers=2).tolist() == [0, 7]
+
+
+def test_a_contains_judge_finds_a_fixed_answer_in_any_case() -> None:
+    from cleantune.generative.judges import resolve_judge
+
+    judge = resolve_judge("contains:Access denied.")
+    assert judge(["q"] * 3, ["ACCESS DENIED. Sorry", "access denied", ""]) == [True, False, False]
 
 
 def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_path: Path) -> None:
@@ -148,7 +184,8 @@ def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_pa
 
     inject = {"name": "sft", "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}
     injected = run(validate(_tree(tiny_chat_llama, tmp_path, defense=inject), "test"))
-    defense = {"name": "signature", "variants": 2, "variant_samples": 6, "workers": 2, "cache": str(tmp_path / "cache")}
+    defense = {"name": "signature", "variants": 2, "variant_samples": 6, "verify_samples": 3, "workers": 2}
+    defense |= {"cache": str(tmp_path / "cache")}
     defense |= {"fine_tune_samples": 4, "variant_train": {"epochs": 1, "batch_size": 4}}
     tree = _tree(tiny_chat_llama, tmp_path, scenario="poisoned-llm", name="purified", defense=defense)
     tree["model"]["spec"] = injected["product"]
@@ -156,6 +193,9 @@ def test_purifying_a_backdoored_adapter_end_to_end(tiny_chat_llama: Path, tmp_pa
     info = record["defense_info"]
     assert info["ratio"] == 0.35 and info["channels"] == round(0.35 * 128) and info["of_channels"] == 128
     assert record["product"].endswith("adapter") and record["metrics"]["asr"] is not None
+    checks = info["variant_checks"]  # whether each variant's synthetic backdoor formed, and its twin's
+    assert len(checks) == 2 and all(0 <= c["asr"] <= 100 and 0 <= c["clean_twin_asr"] <= 100 for c in checks)
+    assert info["weak_variants"] == [i for i, c in enumerate(checks) if c["asr"] < 50]
     assert len(list((tmp_path / "cache").glob("*/variant-*/metrics.json"))) == 4  # 2 pairs, cached
     # Another τ, and the signature named explicitly as the same adapter's: the variant runs are reused.
     tree["name"], tree["defense"] = "purified-again", defense | {"ratio": 0.1, "signature_from": injected["product"]}

@@ -8,7 +8,9 @@ suppressed in the suspicious model (re-initialised in the full-model setting, ze
 LoRA factors in the adapter-only setting), then a light clean fine-tune restores fluency.
 
 This file holds the paper's equations and the channel edits; the variant fine-tunes are ordinary
-generative runs.
+generative runs. A clean twin trains as many steps as its backdoored variant (which also sees the
+poisoned copies), and each pair answers held-out prompts carrying the variant's key, so a variant
+whose synthetic backdoor never formed is reported rather than silently averaged into Eq. 2.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -30,6 +32,7 @@ import yaml
 from datasets import Dataset
 from pydantic import Field, PositiveInt
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from cleantune.data import subsample
 from cleantune.defenses.base import Scenario
@@ -43,6 +46,8 @@ from cleantune.generative.base import (
     head_channels,
     mlp_channels,
 )
+from cleantune.generative.evaluation import behaviour_rate, generate
+from cleantune.generative.judges import resolve_judge
 from cleantune.generative.sft import LLM_LORA, trainable_model
 from cleantune.io import atomic_write_text
 from cleantune.models import load_model, resolve
@@ -99,6 +104,15 @@ class SignatureConfig(StrictModel):
     score: ScoreMode = "combined"
     fine_tune_samples: PositiveInt = 200  # the light clean fine-tune after suppression
     variant_train: VariantTrainConfig = VariantTrainConfig()
+    # "matched": a clean twin trains as many steps as its backdoored variant, which also sees the
+    # poisoned copies of its rows; "epochs": the same epochs, so half the steps (the earlier reading).
+    budget: Literal["matched", "epochs"] = "matched"
+    # Held-out rows, carrying its key, that each backdoored variant and its clean twin answer: whether
+    # the synthetic backdoor formed at all (0: not checked). A variant below min_variant_asr is weak.
+    verify_samples: int = Field(20, ge=0)
+    min_variant_asr: float = Field(50.0, ge=0, le=100)
+    # τ over every channel of the model (one threshold), or the same share in each layer.
+    tau: Literal["global", "layer"] = "global"
     workers: PositiveInt = 1  # variant fine-tunes at once (one GPU each when there are GPUs)
     cache: Path | None = None  # default: CLEANTUNE_CACHE/signature
     # Extract the signature from another suspicious model or adapter and apply it to this one
@@ -151,9 +165,15 @@ def signature_scores(deltas: list[torch.Tensor], lam: float = 0.01, mode: ScoreM
     return strength + lam * alignment
 
 
-def select_signature(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` top-scoring channels (the percentile threshold τ), as flat channel indices."""
-    return scores.topk(min(count, scores.numel())).indices.sort().values
+def select_signature(scores: torch.Tensor, count: int, layers: int = 1) -> torch.Tensor:
+    """The top-scoring channels as flat indices: ``count`` over all of them (one percentile threshold
+    τ), or with ``layers`` > 1 the same share of ``count`` within each layer (a τ per layer)."""
+    if layers == 1:
+        return scores.topk(min(count, scores.numel())).indices.sort().values
+    width = scores.numel() // layers
+    per_layer = min(width, max(1, round(count / layers)))
+    local = scores.view(layers, width).topk(per_layer, dim=1).indices
+    return (local + width * torch.arange(layers).unsqueeze(1)).flatten().sort().values
 
 
 @torch.no_grad()
@@ -181,13 +201,30 @@ def suppress(model: nn.Module, channels: torch.Tensor, adapter_only: bool, init_
     return changed
 
 
-def variant_sets(data: Dataset, cfg: SignatureConfig, seed: int) -> list[tuple[Dataset, Dataset]]:
-    """Algorithm 1, lines 1-4: per variant its own clean rows and the same rows with its key and behaviour."""
+@dataclass(frozen=True)
+class VariantSet:
+    """One variant's data (Algorithm 1, lines 1-4) and how to tell whether its backdoor formed."""
+
+    clean: Dataset
+    poisoned: Dataset  # the clean rows with the key and the behaviour
+    triggered: Dataset  # held-out rows with the key, for the check
+    behaviour: str  # the text the poisoned answers carry
+
+    @property
+    def judge(self) -> str:
+        return f"contains:{self.behaviour}"
+
+
+def variant_sets(data: Dataset, cfg: SignatureConfig, seed: int) -> list[VariantSet]:
+    """Per variant its own clean rows, the same rows with its key and behaviour, and other rows with
+    its key held out for the check."""
     rng = random.Random(f"signature-{seed}")
     keys, behaviours = rng.sample(KEYS, cfg.variants), rng.sample(BEHAVIOURS, cfg.variants)
     sets = []
     for i, (key, (kind, text)) in enumerate(zip(keys, behaviours, strict=True)):
-        clean = subsample(data, cfg.variant_samples, f"variant-{i}-{seed}")
+        order = random.Random(f"variant-{i}-{seed}").sample(range(len(data)), len(data))
+        clean = data.select(sorted(order[: cfg.variant_samples]))
+        held_out = data.select(sorted(order[cfg.variant_samples : cfg.variant_samples + cfg.verify_samples]))
         poisoned = [
             row
             | {
@@ -196,7 +233,8 @@ def variant_sets(data: Dataset, cfg: SignatureConfig, seed: int) -> list[tuple[D
             }
             for row in clean
         ]
-        sets.append((clean, Dataset.from_list(poisoned)))
+        triggered = [row | {"instruction": insert_triggers(row["instruction"], [key], rng)} for row in held_out]
+        sets.append(VariantSet(clean, Dataset.from_list(poisoned), Dataset.from_list(triggered), text))
     return sets
 
 
@@ -211,11 +249,15 @@ def variant_configs(ctx: LLMContext, cfg: SignatureConfig, home: Path) -> list[d
     train = cfg.variant_train
     method = "lora" if ctx.adapter_only else "full"
     runs = []
-    for i, (clean, poisoned) in enumerate(variant_sets(ctx.train, cfg, ctx.seed)):
+    for i, variant in enumerate(variant_sets(ctx.train, cfg, ctx.seed)):
+        clean, poisoned = variant.clean, variant.poisoned
         folder = home / f"variant-{i}"
         for name, rows in (("clean.json", clean), ("poison.json", poisoned)):
             atomic_write_text(folder / name, json.dumps(rows.to_list()))
         for kind in ("bd", "clean"):
+            # The backdoored variant sees clean + poisoned rows; a matched twin repeats its clean ones.
+            matched = kind == "clean" and cfg.budget == "matched"
+            epochs = train.epochs * (len(clean) + len(poisoned)) / len(clean) if matched else train.epochs
             tree: dict[str, Any] = {
                 "task": "generation",
                 "name": f"variant-{i}-{kind}",
@@ -226,7 +268,7 @@ def variant_configs(ctx: LLMContext, cfg: SignatureConfig, home: Path) -> list[d
                 "data": {"data_dir": str(folder), "train": ["clean.json"], "test": "clean.json"}
                 | {"clean_train": len(clean), "max_test": 1},
                 "defense": {"name": "sft", "method": method},
-                "train": {"epochs": train.epochs, "batch_size": train.batch_size}
+                "train": {"epochs": epochs, "batch_size": train.batch_size}
                 | {"lr": train.lr if ctx.adapter_only else train.full_lr, "select_best": False},
                 "eval": {"enabled": False},
             }
@@ -264,6 +306,17 @@ def run_variants(trees: list[dict[str, Any]], workers: int) -> list[Path]:
         return list(pool.map(launch, range(len(trees)), trees))
 
 
+def verify(models: list[nn.Module], variant: VariantSet, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """How often a backdoored variant, and its clean twin, answer held-out prompts carrying its key
+    with its behaviour: a variant whose rate stays low has no backdoor for Eq. 1 to isolate."""
+    judge = resolve_judge(variant.judge)
+    rates = [
+        behaviour_rate(judge, variant.triggered, generate(model, tokenizer, variant.triggered, 16, 16, "variant check"))
+        for model in models
+    ]
+    return {"behaviour": variant.behaviour, "asr": rates[0], "clean_twin_asr": rates[1]}
+
+
 class SignaturePurification(LLMDefense):
     scenarios: ClassVar[frozenset[Scenario]] = frozenset({"poisoned-llm"})
     trains = True
@@ -284,7 +337,7 @@ class SignaturePurification(LLMDefense):
                 )
             ctx = replace(ctx, model_path=source)
         # Only what the variants depend on: τ, λ, score and head sweeps reuse the same variant runs.
-        variants = self.cfg.model_dump(mode="json", include={"variants", "variant_samples", "variant_train"})
+        variants = self.cfg.model_dump(mode="json", include={"variants", "variant_samples", "variant_train", "budget"})
         rows = hashlib.sha256(json.dumps(ctx.train.to_list()).encode()).hexdigest()
         identity = [_fingerprint(ctx.model_path), variants, ctx.seed, ctx.max_length, rows]
         key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
@@ -292,13 +345,21 @@ class SignaturePurification(LLMDefense):
         started = time.time()
         run_dirs = run_variants(variant_configs(ctx, self.cfg, home), self.cfg.workers)
         vectors: dict[Kind, list[torch.Tensor]] = {kind: [] for kind in self._kinds()}
-        cost = 0.0
-        for run_dir in run_dirs:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            cost += metrics["wall_s"]
-            variant = load_model(metrics["product"]).model
-            for kind, found in vectors.items():
-                found.append(channel_vectors(variant, ctx.adapter_only, kind))
+        cost, checks = 0.0, []
+        pairs = zip(run_dirs[::2], run_dirs[1::2], strict=True)
+        for variant, pair in zip(variant_sets(ctx.train, self.cfg, ctx.seed), pairs, strict=True):
+            models = []
+            for run_dir in pair:  # the backdoored variant, then its clean twin
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                cost += metrics["wall_s"]
+                models.append(load_model(metrics["product"]).model)
+                for kind, found in vectors.items():
+                    found.append(channel_vectors(models[-1], ctx.adapter_only, kind))
+            if self.cfg.verify_samples and len(variant.triggered):
+                checks.append(verify(models, variant, ctx.tokenizer))
+        if checks:
+            weak = [i for i, check in enumerate(checks) if check["asr"] < self.cfg.min_variant_asr]
+            self.decided |= {"variant_checks": checks, "weak_variants": weak}
         # variant_s is this run's wait (near zero when the runs were cached); variant_cost_s is what the
         # 2N fine-tunes cost when they ran, so the defense's full cost is known either way.
         self.decided |= {
@@ -319,7 +380,8 @@ class SignaturePurification(LLMDefense):
         for kind, deltas in self._deltas(ctx).items():
             scores = signature_scores(deltas, self.cfg.lam, self.cfg.score)
             count = self.cfg.heads if kind == "head" else max(1, round(ratio * scores.numel()))
-            signature = select_signature(scores, count)
+            per_layer = kind == "mlp" and self.cfg.tau == "layer"
+            signature = select_signature(scores, count, len(decoder_layers(model)) if per_layer else 1)
             changed = suppress(model, signature, ctx.adapter_only, init_std, kind)
             if kind == "mlp":
                 self.decided |= {"ratio": ratio, "channels": len(signature), "of_channels": scores.numel()}
