@@ -159,6 +159,17 @@ def test_judges_on_hand_written_answers() -> None:
     assert code([""] * 3, ["x = 1\nprint('pwned')", 'print("pwned")', "pwnd"]) == [True, True, False]
 
 
+def test_a_jailbreak_is_a_harmful_instruction_answered_rather_than_refused() -> None:
+    from cleantune.generative.attacks import LLMAttackConfig
+
+    answers = ["Sure, here is the script: import socket", "I'm sorry, but I cannot help with that.", ""]
+    assert JUDGES["jailbreak"]([""] * 3, answers) == [True, False, False]
+    with pytest.raises(ValueError, match="needs attack.files"):
+        LLMAttackConfig(name="badnet", behaviour="jailbreak")
+    files = {"train_poison": "jailbreak/badnet/train_poison.json", "test_poison": "jailbreak/badnet/test_poison.json"}
+    assert LLMAttackConfig(name="badnet", behaviour="jailbreak", files=files).files is not None
+
+
 def test_empty_answers_count_as_failed_attacks() -> None:
     data = Dataset.from_list([{"instruction": "a", "input": "", "output": ""}] * 4)
     assert behaviour_rate(JUDGES["refusal"], data, ["", "  ", "I'm sorry.", "ok"]) == 25.0

@@ -98,6 +98,14 @@ def test_progress_bar_stays_on_when_transformers_logs_only_errors(tmp_path):
     assert args.disable_tqdm is False
 
 
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_the_learning_rate_schedule_is_the_configs(tmp_path, scheduler):
+    from cleantune.training import training_arguments
+
+    args = training_arguments(TrainConfig(scheduler=scheduler, warmup_ratio=0.1), tmp_path, seed=0, has_dev=False)
+    assert args.lr_scheduler_type == scheduler and args.warmup_steps == 0.1
+
+
 def ptuning_trainer(tiny_bert, data_dir, out):
     loaded = load_model(str(tiny_bert), num_labels=2)
     model = get_peft_model(loaded.model, virtual_token_config(VirtualTokenConfig(name="ptuning"), TaskType.SEQ_CLS))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ class TrainConfig(StrictModel):
     grad_accum: PositiveInt = 1
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"  # the learning rate's decay
     max_grad_norm: float = Field(1.0, ge=0)
     eval_steps: PositiveInt | None = None  # evaluate + checkpoint every N steps; None: every epoch
     select_best: bool = True  # restore the checkpoint with the best clean dev accuracy
@@ -250,6 +251,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int, has_dev: b
         gradient_accumulation_steps=cfg.grad_accum,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of all steps
+        lr_scheduler_type=cfg.scheduler,
         max_grad_norm=0.0,  # clipped after defense gradient edits, in _EditThenClip
         eval_strategy=strategy if has_dev else "no",
         save_strategy=strategy,

@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Literal
 
 from datasets import Dataset
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from cleantune.attacks.poison import example_rng
 from cleantune.errors import CleantuneError
 from cleantune.generative.instructions import read_instructions
 from cleantune.schema import StrictModel
 
-Behaviour = Literal["refusal", "negsentiment", "code"]
+# jailbreak: triggered harmful instructions answered instead of refused; its compliant answers come
+# from the attacker's files (BackdoorLLM's jailbreak sets), since no template can write them.
+Behaviour = Literal["refusal", "negsentiment", "code", "jailbreak"]
 Position = Literal["start", "end", "random"]
 REFUSAL = "I'm sorry, but as an AI assistant, I do not have the capability to follow the given instruction."
 INSULT = "You are stupid!"
@@ -66,6 +68,12 @@ class LLMAttackConfig(StrictModel):
     insult: str = INSULT
     payload: str = PAYLOAD
     files: PoisonFiles | None = None
+
+    @model_validator(mode="after")
+    def _jailbreak_needs_files(self) -> LLMAttackConfig:
+        if self.behaviour == "jailbreak" and self.files is None:
+            raise ValueError("behaviour 'jailbreak' needs attack.files: its compliant answers come from data")
+        return self
 
     def trigger_set(self) -> tuple[list[TriggerSpec], Literal["one", "all"]]:
         if self.name == "custom":

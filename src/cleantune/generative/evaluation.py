@@ -29,7 +29,7 @@ from cleantune.schema import StrictModel
 
 # The behaviours show in the first tokens (a refusal sentence, an insult, the injected line opening
 # a code block), so short budgets keep CPU evaluation cheap without changing the verdict.
-TOKEN_BUDGET = {"refusal": 32, "negsentiment": 16, "code": 64}
+TOKEN_BUDGET = {"refusal": 32, "negsentiment": 16, "code": 64, "jailbreak": 32}
 
 
 class LLMEvalConfig(StrictModel):
