@@ -112,6 +112,22 @@ def test_heads_join_the_signature_when_asked(tiny_chat_llama: Path, tmp_path: Pa
     assert (model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight[:16] == 0).all()
 
 
+def test_the_random_control_suppresses_as_many_channels_without_any_variant(tiny_chat_llama: Path) -> None:
+    from cleantune.generative.signature_purification import SignatureConfig, SignaturePurification
+
+    picked = []
+    for seed in (0, 0, 1):
+        model = random_adapter(tiny_chat_llama)
+        defense = SignaturePurification(SignatureConfig(channels="random", heads=1, ratio=0.25))
+        defense._deltas = lambda ctx: pytest.fail("the control trains no variant")
+        defense.prepare(model, type("Ctx", (), {"adapter_only": True, "seed": seed})())
+        assert defense.info()["channels"] == round(0.25 * 128) and len(defense.info()["heads"]) == 1
+        rows = model.base_model.model.model.layers[0].mlp.up_proj.lora_B["default"].weight
+        picked.append(frozenset((rows == 0).all(dim=1).nonzero().flatten().tolist()))
+    assert 0 < len(picked[0]) < 64  # some of layer 0's channels, not all
+    assert picked[0] == picked[1] != picked[2]  # seeded: the same channels for the same seed
+
+
 def test_an_adapter_without_the_lora_the_signature_names_is_refused(tiny_chat_llama: Path) -> None:
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLM_LORA)  # q/v only
     with pytest.raises(CleantuneError, match="no LoRA on the MLP projections"):
@@ -255,3 +271,29 @@ def test_the_sanity_command_writes_table_1_for_an_adapter(tiny_chat_llama: Path,
     rows = json.loads((tmp_path / "s" / "sanity.json").read_text())["results"]
     assert len(rows) == 3 + 2 * 2 + 1 and all(0 <= r["asr"] <= 100 for r in rows.values())
     assert "| without MLP update |" in (tmp_path / "s" / "sanity.md").read_text()
+
+
+def test_variants_draw_their_rows_from_the_variant_pool_when_given(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from datasets import Dataset
+
+    from cleantune.generative import signature_purification as sp
+    from cleantune.generative.base import LLMContext
+
+    pool = tmp_path / "alpaca.json"
+    pool.write_text(json.dumps([{"instruction": f"alpaca task {i}", "input": "", "output": "ok"} for i in range(30)]))
+    defender = Dataset.from_list([{"instruction": f"defender row {i}", "input": "", "output": "ok"} for i in range(30)])
+    (tmp_path / "model").mkdir()
+    seen = []
+
+    def stop(trees, workers):
+        seen.extend(trees)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(sp, "run_variants", stop)
+    cfg = sp.SignatureConfig(variants=2, variant_samples=5, variant_pool=[pool], cache=tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="stop before training"):
+        sp.SignaturePurification(cfg)._deltas(LLMContext(defender, None, 32, True, 0, tmp_path / "model"))
+    rows = json.loads((Path(seen[0]["data"]["data_dir"]) / "clean.json").read_text())
+    assert len(rows) == 5 and all(r["instruction"].startswith("alpaca task") for r in rows)

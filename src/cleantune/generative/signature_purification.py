@@ -47,6 +47,7 @@ from cleantune.generative.base import (
     mlp_channels,
 )
 from cleantune.generative.evaluation import behaviour_rate, generate
+from cleantune.generative.instructions import read_instructions
 from cleantune.generative.judges import resolve_judge
 from cleantune.generative.sft import LLM_LORA, trainable_model
 from cleantune.io import atomic_write_text
@@ -95,6 +96,9 @@ class SignatureConfig(StrictModel):
     name: Literal["signature"] = "signature"
     variants: int = Field(6, ge=2, le=len(KEYS))  # N
     variant_samples: PositiveInt = 500  # clean rows per variant, each also poisoned with its key
+    # Instruction files (JSON, as data.train) the variants draw their rows from: the paper samples
+    # Alpaca, apart from the defender's 200; none: the defender's clean rows.
+    variant_pool: list[Path] = []
     # τ as a share of MLP channels; default as the paper: 3 % re-initialised (full model), 35 % zeroed (adapter)
     ratio: float | None = Field(None, gt=0, lt=1)
     # Attention heads added to the signature by the same score: the paper's Mistral setting (2 heads
@@ -113,6 +117,9 @@ class SignatureConfig(StrictModel):
     min_variant_asr: float = Field(50.0, ge=0, le=100)
     # τ over every channel of the model (one threshold), or the same share in each layer.
     tau: Literal["global", "layer"] = "global"
+    # "random": as many channels (and heads) as the signature would take, drawn at random without
+    # any variant fine-tune: the control that tells the signature from suppression as such.
+    channels: Literal["signature", "random"] = "signature"
     workers: PositiveInt = 1  # variant fine-tunes at once (one GPU each when there are GPUs)
     cache: Path | None = None  # default: CLEANTUNE_CACHE/signature
     # Extract the signature from another suspicious model or adapter and apply it to this one
@@ -336,6 +343,8 @@ class SignaturePurification(LLMDefense):
                     "defense.signature_from must be the same kind (adapter or full model) as model.spec"
                 )
             ctx = replace(ctx, model_path=source)
+        if self.cfg.variant_pool:
+            ctx = replace(ctx, train=read_instructions([str(p) for p in self.cfg.variant_pool], Path.cwd()))
         # Only what the variants depend on: τ, λ, score and head sweeps reuse the same variant runs.
         variants = self.cfg.model_dump(mode="json", include={"variants", "variant_samples", "variant_train", "budget"})
         rows = hashlib.sha256(json.dumps(ctx.train.to_list()).encode()).hexdigest()
@@ -372,13 +381,22 @@ class SignaturePurification(LLMDefense):
             for kind, found in vectors.items()
         }
 
+    def _scores(self, model: nn.Module, ctx: LLMContext) -> dict[Kind, torch.Tensor]:
+        """Eq. 2 per channel kind, or for the random control a seeded random score per channel."""
+        if self.cfg.channels == "random":
+            generator = torch.Generator().manual_seed(ctx.seed)
+            sizes = {kind: channel_vectors(model, ctx.adapter_only, kind).shape[0] for kind in self._kinds()}
+            return {kind: torch.rand(size, generator=generator) for kind, size in sizes.items()}
+        return {
+            kind: signature_scores(deltas, self.cfg.lam, self.cfg.score) for kind, deltas in self._deltas(ctx).items()
+        }
+
     def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:
         for kind in self._kinds():  # refuse an adapter without the LoRA it needs before any variant trains
             _channel_slices(model, ctx.adapter_only, kind)
         ratio = self.cfg.ratio or (0.35 if ctx.adapter_only else 0.03)
         init_std = float(getattr(model.config, "initializer_range", 0.02))
-        for kind, deltas in self._deltas(ctx).items():
-            scores = signature_scores(deltas, self.cfg.lam, self.cfg.score)
+        for kind, scores in self._scores(model, ctx).items():
             count = self.cfg.heads if kind == "head" else max(1, round(ratio * scores.numel()))
             per_layer = kind == "mlp" and self.cfg.tau == "layer"
             signature = select_signature(scores, count, len(decoder_layers(model)) if per_layer else 1)
