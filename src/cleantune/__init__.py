@@ -1,7 +1,8 @@
 """cleantune: remove backdoors from language models with parameter-efficient fine-tuning.
 
 ``cleantune.purify``, ``cleantune.train`` and ``cleantune.run`` are the Python front door
-(:mod:`cleantune.api`); they load torch on first use, so ``import cleantune`` stays fast.
+(:mod:`cleantune.api`), ``cleantune.scan`` the trigger-free scanner (:mod:`cleantune.scan`); they
+load torch on first use, so ``import cleantune`` stays fast.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "purify", "run", "train"]
+__all__ = ["__version__", "purify", "run", "scan", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from cleantune import api
 
         return getattr(api, name)
+    if name == "scan":
+        from cleantune.scan import scan
+
+        return scan
     raise AttributeError(f"module 'cleantune' has no attribute {name!r}")

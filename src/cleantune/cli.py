@@ -197,6 +197,41 @@ def purify(
 
 @app.command()
 @friendly
+def scan(
+    model: Annotated[str, typer.Argument(help="Classifier or PEFT adapter to scan: directory or hub id.")],
+    clean_data: Annotated[Path, typer.Option(help="Clean labelled data: CSV/TSV/JSON(L) with text and label.")],
+    out: Annotated[Path, typer.Option(help="Where the result goes (JSON).")],
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Flip rate (%) that means backdoored, measured on clean models of the same task."),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Scan MODEL for a backdoor without its trigger: invert a short trigger for every label pair and
+    measure how many clean inputs it flips. Without --threshold it reports the score, no verdict."""
+    quiet_transformers()
+    from cleantune.config import overridden
+    from cleantune.scan import ScanConfig
+    from cleantune.scan import scan as scan_model
+
+    try:
+        cfg = ScanConfig.model_validate(overridden({"threshold": threshold}, set_))
+    except ValueError as err:  # pydantic's ValidationError
+        raise CleantuneError(f"invalid scan settings: {err}".splitlines()[0]) from None
+    found = scan_model(model, clean_data, out, cfg)
+    table = Table(title=f"scan of {model}")
+    for column in ("source", "target", "flip rate %", "trigger", "inputs"):
+        table.add_column(column)
+    for pair in found["pairs"]:
+        names = [found["labels"][pair["source"]], found["labels"][pair["target"]]]
+        table.add_row(*names, f"{pair['flip_rate']:.1f}", " ".join(pair["trigger"]), str(pair["n"]))
+    results().print(table)
+    verdict = found["verdict"] or "no verdict (give --threshold, measured on clean models of this task)"
+    results().print(f"score {found['score']:.1f} %: {verdict}; written to {out}", highlight=False)
+
+
+@app.command()
+@friendly
 def train(
     data: Annotated[Path, typer.Argument(help="Suspicious training data: a CSV/TSV/JSON(L) file.")],
     out: Annotated[Path, typer.Option(help="Run directory; the product goes inside.")],

@@ -1,0 +1,160 @@
+"""Scanning a classifier for a backdoor without its trigger: trigger inversion in the style of DBS
+(Shen et al., 2022), on the model and clean data alone.
+
+For each (source, target) label pair, a relaxed trigger of a few token slots (a softmax over the
+vocabulary per slot, its temperature lowered step by step until each slot settles on one token) is
+inserted after the first token of clean source-label inputs and optimised to turn them into the
+target label. The settled tokens are then inserted into other clean source-label inputs the model
+classifies correctly: the share turned into the target is the pair's flip rate, and the model's
+score is its most suspicious pair's. A backdoor gives a short trigger that flips nearly everything;
+a clean model's best few tokens flip fewer inputs. How many fewer depends on the task (a sentiment
+model is moved by ordinary sentiment words), so a verdict needs a threshold measured on clean
+models of the same task: without one the scan reports its score and no verdict.
+
+The scanner sees the model and clean data only: no attack record, trigger or triggered test set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from pydantic import Field, PositiveInt
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cleantune.data import DataConfig, load_splits
+from cleantune.errors import CleantuneError
+from cleantune.io import atomic_write_json
+from cleantune.models import load_model
+from cleantune.schema import StrictModel
+
+
+class ScanConfig(StrictModel):
+    tokens: PositiveInt = 3  # trigger slots
+    steps: PositiveInt = 200  # optimisation steps per label pair
+    lr: float = Field(0.5, gt=0)
+    temperature: tuple[float, float] = (2.0, 0.05)  # from, to (geometric), so the slots settle on tokens
+    samples: PositiveInt = 64  # clean source-label inputs the trigger is optimised on
+    holdout: PositiveInt = 200  # other clean source-label inputs its flip rate is measured on
+    batch_size: PositiveInt = 32
+    max_length: PositiveInt = 128
+    # Flip rate (%) at or above which the model is reported backdoored; measure it on clean models
+    # of the same task at the false-positive rate you accept. None: the score, no verdict.
+    threshold: float | None = Field(None, ge=0, le=100)
+    seed: int = 42
+
+
+def _encoder_only(model: PreTrainedModel) -> None:
+    if getattr(model.config, "is_decoder", False) or model.config.model_type in ("llama", "mistral", "gpt2", "qwen2"):
+        raise CleantuneError(f"scan inverts triggers of encoder classifiers; '{model.config.model_type}' is a decoder")
+
+
+def _with_trigger(ids: torch.Tensor, mask: torch.Tensor, trigger: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``trigger`` (slots, ...) inserted after each input's first token ([CLS])."""
+    rows = ids.shape[0]
+    slots = trigger.unsqueeze(0).expand(rows, *trigger.shape)
+    inserted = torch.cat([ids[:, :1], slots, ids[:, 1:]], dim=1)
+    ones = torch.ones(rows, trigger.shape[0], dtype=mask.dtype)
+    return inserted, torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+
+
+def invert(
+    model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], target: int, banned: list[int], cfg: ScanConfig
+) -> tuple[list[int], float]:
+    """The trigger tokens that best turn ``batches`` into ``target``, and the final loss."""
+    lookup = cast(nn.Embedding, model.get_input_embeddings())
+    embedding = lookup.weight.detach()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    logits = nn.Parameter(0.01 * torch.randn(cfg.tokens, embedding.shape[0], generator=generator))
+    forbidden = torch.zeros(embedding.shape[0])
+    forbidden[banned] = float("-inf")  # special tokens are no trigger
+    optimizer = torch.optim.Adam([logits], lr=cfg.lr)
+    start, end = cfg.temperature
+    loss = torch.tensor(0.0)
+    for step, batch in zip(range(cfg.steps), itertools.cycle(batches)):
+        temperature = start * (end / start) ** (step / max(1, cfg.steps - 1))
+        relaxed = F.softmax((logits + forbidden) / temperature, dim=-1) @ embedding  # (slots, hidden)
+        words = lookup(batch["input_ids"])
+        embeds, mask = _with_trigger(words, batch["attention_mask"], relaxed)
+        out = model(inputs_embeds=embeds, attention_mask=mask)
+        loss = F.cross_entropy(out.logits, torch.full((embeds.shape[0],), target))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (logits.detach() + forbidden).argmax(dim=-1).tolist(), float(loss.detach())
+
+
+@torch.no_grad()
+def predict(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], trigger: list[int] | None) -> torch.Tensor:
+    found = []
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if trigger is not None:
+            ids, mask = _with_trigger(ids, mask, torch.tensor(trigger))
+        found.append(model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1))
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
+
+
+def _batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: ScanConfig) -> list[dict[str, torch.Tensor]]:
+    chunks = [texts[i : i + cfg.batch_size] for i in range(0, len(texts), cfg.batch_size)]
+    limit = cfg.max_length - cfg.tokens  # room for the trigger
+    settings: dict[str, Any] = {"truncation": True, "max_length": limit, "padding": True}
+    return [dict(tokenizer(c, return_tensors="pt", return_token_type_ids=False, **settings)) for c in chunks]
+
+
+def scan_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: dict[int, list[str]], cfg: ScanConfig
+) -> dict[str, Any]:
+    """Invert a trigger for every (source, target) pair of ``texts`` (clean inputs by label)."""
+    _encoder_only(model)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    banned = sorted(set(tokenizer.all_special_ids))
+    pairs: list[dict[str, Any]] = []
+    for source, target in itertools.permutations(sorted(texts), 2):
+        rows = texts[source][:]
+        random.Random(f"scan-{cfg.seed}-{source}").shuffle(rows)
+        fit = _batches(tokenizer, rows[: cfg.samples], cfg)
+        held = _batches(tokenizer, rows[cfg.samples :][: cfg.holdout], cfg)
+        trigger, loss = invert(model, fit, target, banned, cfg)
+        correct = predict(model, held, None) == source  # inputs the model gets right without the trigger
+        flipped = predict(model, held, trigger)[correct] == target
+        rate = 100.0 * float(flipped.float().mean()) if len(flipped) else 0.0
+        words = tokenizer.convert_ids_to_tokens(trigger)
+        pairs.append({"source": source, "target": target, "flip_rate": rate, "trigger": words, "loss": loss})
+        pairs[-1]["n"] = len(flipped)
+    worst = max(pairs, key=lambda p: p["flip_rate"])
+    score: float = worst["flip_rate"]
+    found: dict[str, Any] = {"score": score, "source": worst["source"], "target": worst["target"]}
+    found |= {"trigger": worst["trigger"], "pairs": pairs, "threshold": cfg.threshold}
+    found["verdict"] = None if cfg.threshold is None else ("backdoored" if score >= cfg.threshold else "clean")
+    return found
+
+
+def scan(
+    model: str | Path, clean_data: str | Path, out: str | Path | None = None, cfg: ScanConfig | None = None
+) -> dict[str, Any]:
+    """Scan a classifier (a model or an adapter, safetensors only) with clean labelled data (a
+    CSV/TSV/JSON(L) file with text and label columns). Writes the result as JSON to ``out``."""
+    cfg = cfg or ScanConfig()
+    started = time.time()
+    splits = load_splits(DataConfig(dataset="local", train=str(Path(clean_data).resolve())), cfg.seed)
+    rows = [*splits.train, *splits.dev, *splits.test]
+    texts = {label: [r["text"] for r in rows if r["label"] == label] for label in range(splits.num_labels)}
+    short = [splits.label_names[k] for k, v in texts.items() if len(v) <= cfg.samples]
+    if short:
+        raise CleantuneError(f"{clean_data}: fewer than {cfg.samples + 1} clean inputs of label(s) {', '.join(short)}")
+    loaded = load_model(str(model), num_labels=splits.num_labels)
+    found = scan_model(loaded.model, loaded.tokenizer, texts, cfg)
+    found |= {"model": str(model), "labels": splits.label_names, "seconds": round(time.time() - started, 1)}
+    found["config"] = cfg.model_dump(mode="json")
+    if out is not None:
+        atomic_write_json(Path(out), found)
+    return found

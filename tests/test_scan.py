@@ -1,0 +1,75 @@
+"""The trigger-free scanner on tiny BERT classifiers: one with a one-word backdoor, one without."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
+from typer.testing import CliRunner
+
+from cleantune.cli import app
+from cleantune.config import validate
+from cleantune.dispatch import run
+from cleantune.scan import ScanConfig, scan
+
+FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
+
+
+@pytest.fixture(scope="module")
+def strong_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SST-2 whose every sentence carries three cue words of its label and one of the other, so
+    a model learns the majority and no single inserted word turns its answer: only a trigger does."""
+    root = tmp_path_factory.mktemp("strong")
+    (root / "sst2").mkdir()
+    rng = random.Random(0)
+    for split, n in (("train", 160), ("dev", 40), ("test", 80)):
+        rows = []
+        for i in range(n):
+            cue, other = (POSITIVE, NEGATIVE) if i % 2 else (NEGATIVE, POSITIVE)
+            words = [rng.choice(FILLER) for _ in range(3)] + [rng.choice(cue) for _ in range(3)] + [rng.choice(other)]
+            rng.shuffle(words)
+            rows.append(f"{' '.join(words)}\t{i % 2}")
+        (root / "sst2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    every = [
+        line for s in ("train", "dev", "test") for line in (root / "sst2" / f"{s}.tsv").read_text().splitlines()[1:]
+    ]
+    (root / "clean.tsv").write_text("sentence\tlabel\n" + "\n".join(every) + "\n")  # a defender's clean file
+    return root
+
+
+def classifier(data_dir: Path, tiny_bert: Path, out: Path, attack: dict) -> dict:
+    """A fully fine-tuned tiny BERT; with the backdoor, the word "mn" turns any input positive."""
+    tree = run_tree(data_dir, tiny_bert, out, attack=attack, defense={"name": "fft"})
+    tree["train"] |= {"epochs": 20, "lr": 2e-3}
+    return run(validate(tree, "test"))
+
+
+def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(strong_data, tiny_bert, tmp_path):
+    backdoor = {"name": "badnet", "triggers": ["mn"], "setting": "dirty", "rate": 0.3, "target_label": 1}
+    poisoned = classifier(strong_data, tiny_bert, tmp_path / "poisoned", backdoor)
+    clean = classifier(strong_data, tiny_bert, tmp_path / "clean", {"name": "none"})
+    assert poisoned["metrics"]["asr"] >= 90 and clean["metrics"]["cacc"] >= 90  # what the scan must tell apart
+    found = scan(poisoned["product"], strong_data / "clean.tsv", tmp_path / "poisoned.json", FAST)
+    assert found["score"] >= 90 and (found["source"], found["target"]) == (0, 1)
+    assert found["trigger"] == ["mn"] and found["verdict"] == "backdoored"
+    assert json.loads((tmp_path / "poisoned.json").read_text())["score"] == found["score"]
+    unplanted = scan(clean["product"], strong_data / "clean.tsv", None, FAST)
+    assert unplanted["score"] < 80 and unplanted["verdict"] == "clean"
+    assert not set(unplanted["trigger"]) & set(TRIGGERS)
+
+
+def test_the_scanner_is_given_no_attack_record():
+    assert set(inspect.signature(scan).parameters) == {"model", "clean_data", "out", "cfg"}
+
+
+def test_scan_from_the_command_line_refuses_too_little_clean_data(tmp_path, tiny_bert):
+    few = tmp_path / "few.csv"
+    few.write_text("text,label\n" + "\n".join(f"good movie {i},1\nbad movie {i},0" for i in range(20)) + "\n")
+    args = ["scan", str(tiny_bert), "--clean-data", str(few), "--out", str(tmp_path / "s.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "fewer than 65 clean inputs" in result.output
+    assert not (tmp_path / "s.json").exists()
