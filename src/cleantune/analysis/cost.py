@@ -51,8 +51,16 @@ def seconds_per_step(cfg: RunConfig, defense: DefenseConfig, steps: int) -> floa
 
 def label(defense: DefenseConfig) -> str:
     """The defense's name and the settings it changes, so two configs of one defense stay apart."""
-    changed = defense.model_dump(exclude_defaults=True, exclude={"name"})
+    changed = flat(defense.model_dump(exclude_defaults=True, exclude={"name"}))
     return defense.name + (f"({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys (``lora.r``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
 
 
 def compare(cfg: RunConfig, defenses: list[DefenseConfig], steps: int, repeats: int) -> dict[str, Any]:
