@@ -166,7 +166,7 @@ def test_a_clean_twin_trains_as_many_steps_as_its_backdoored_variant(tmp_path: P
     from datasets import Dataset
 
     from cleantune.generative.base import LLMContext
-    from cleantune.generative.signature_purification import SignatureConfig, variant_configs
+    from cleantune.generative.signature_purification import SignatureConfig, variant_configs, variant_sets
 
     pool = Dataset.from_list(
         [{"instruction": f"tell me about {i} things", "input": "", "output": "ok"} for i in range(40)]
@@ -174,7 +174,7 @@ def test_a_clean_twin_trains_as_many_steps_as_its_backdoored_variant(tmp_path: P
     ctx = LLMContext(pool, None, 32, True, 0, tmp_path)
     for budget, clean_epochs in (("matched", 4.0), ("epochs", 2.0)):
         cfg = SignatureConfig(variants=2, variant_samples=10, budget=budget)
-        trees = variant_configs(ctx, cfg, tmp_path / budget)
+        trees = variant_configs(ctx, cfg, tmp_path / budget, variant_sets(pool, cfg, 0))
         assert [t["train"]["epochs"] for t in trees] == [2.0, clean_epochs] * 2  # (backdoored, clean) pairs
         assert all(("attack" in t) == t["name"].endswith("-bd") for t in trees)
 

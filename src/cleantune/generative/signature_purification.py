@@ -251,12 +251,12 @@ def _fingerprint(path: Path) -> str:
     return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
 
 
-def variant_configs(ctx: LLMContext, cfg: SignatureConfig, home: Path) -> list[dict[str, Any]]:
+def variant_configs(ctx: LLMContext, cfg: SignatureConfig, home: Path, sets: list[VariantSet]) -> list[dict[str, Any]]:
     """Algorithm 1, lines 5-7 as 2N ordinary generative runs (poisoned, clean) from the suspicious model."""
     train = cfg.variant_train
     method = "lora" if ctx.adapter_only else "full"
     runs = []
-    for i, variant in enumerate(variant_sets(ctx.train, cfg, ctx.seed)):
+    for i, variant in enumerate(sets):
         clean, poisoned = variant.clean, variant.poisoned
         folder = home / f"variant-{i}"
         for name, rows in (("clean.json", clean), ("poison.json", poisoned)):
@@ -352,11 +352,12 @@ class SignaturePurification(LLMDefense):
         key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         home = (self.cfg.cache or cache_dir() / "signature") / key
         started = time.time()
-        run_dirs = run_variants(variant_configs(ctx, self.cfg, home), self.cfg.workers)
+        sets = variant_sets(ctx.train, self.cfg, ctx.seed)
+        run_dirs = run_variants(variant_configs(ctx, self.cfg, home, sets), self.cfg.workers)
         vectors: dict[Kind, list[torch.Tensor]] = {kind: [] for kind in self._kinds()}
         cost, checks = 0.0, []
         pairs = zip(run_dirs[::2], run_dirs[1::2], strict=True)
-        for variant, pair in zip(variant_sets(ctx.train, self.cfg, ctx.seed), pairs, strict=True):
+        for variant, pair in zip(sets, pairs, strict=True):
             models = []
             for run_dir in pair:  # the backdoored variant, then its clean twin
                 metrics = json.loads((run_dir / "metrics.json").read_text())
