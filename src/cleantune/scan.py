@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cleantune.data import DataConfig, load_splits
+from cleantune.defenses.base import is_decoder_classifier
 from cleantune.errors import CleantuneError
 from cleantune.io import atomic_write_json
 from cleantune.models import load_model
@@ -51,7 +52,7 @@ class ScanConfig(StrictModel):
 
 
 def _encoder_only(model: PreTrainedModel) -> None:
-    if getattr(model.config, "is_decoder", False) or model.config.model_type in ("llama", "mistral", "gpt2", "qwen2"):
+    if is_decoder_classifier(model):
         raise CleantuneError(f"scan inverts triggers of encoder classifiers; '{model.config.model_type}' is a decoder")
 
 
@@ -118,18 +119,19 @@ def scan_model(
         parameter.requires_grad_(False)
     banned = sorted(set(tokenizer.all_special_ids))
     pairs: list[dict[str, Any]] = []
-    for source, target in itertools.permutations(sorted(texts), 2):
+    for source in sorted(texts):
         rows = texts[source][:]
         random.Random(f"scan-{cfg.seed}-{source}").shuffle(rows)
         fit = _batches(tokenizer, rows[: cfg.samples], cfg)
         held = _batches(tokenizer, rows[cfg.samples :][: cfg.holdout], cfg)
-        trigger, loss = invert(model, fit, target, banned, cfg)
-        correct = predict(model, held, None) == source  # inputs the model gets right without the trigger
-        flipped = predict(model, held, trigger)[correct] == target
-        rate = 100.0 * float(flipped.float().mean()) if len(flipped) else 0.0
-        words = tokenizer.convert_ids_to_tokens(trigger)
-        pairs.append({"source": source, "target": target, "flip_rate": rate, "trigger": words, "loss": loss})
-        pairs[-1]["n"] = len(flipped)
+        correct = predict(model, held, None) == source  # inputs the model gets right without a trigger
+        for target in sorted(set(texts) - {source}):
+            trigger, loss = invert(model, fit, target, banned, cfg)
+            flipped = predict(model, held, trigger)[correct] == target
+            rate = 100.0 * float(flipped.float().mean()) if len(flipped) else 0.0
+            words = tokenizer.convert_ids_to_tokens(trigger)
+            pairs.append({"source": source, "target": target, "flip_rate": rate, "trigger": words, "loss": loss})
+            pairs[-1]["n"] = len(flipped)
     worst = max(pairs, key=lambda p: p["flip_rate"])
     score: float = worst["flip_rate"]
     found: dict[str, Any] = {"score": score, "source": worst["source"], "target": worst["target"]}
