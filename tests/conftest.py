@@ -241,18 +241,20 @@ def kill_cleantune_when(args: list[str], ready: Callable[[], bool], timeout: flo
 
 
 def record_contexts(monkeypatch: pytest.MonkeyPatch, config_class: type) -> list:
-    """Make the defense registered for ``config_class`` record each DefenseContext it is given."""
+    """Make the defense registered for ``config_class`` record each DefenseContext it is given: a
+    training method in ``prepare``, a filter in ``filter_train``, a screen in ``calibrate``."""
     from cleantune import defenses
 
     seen: list = []
     base = defenses.REGISTRY[config_class]
+    # each role's hook that is handed the context, and where the context sits among its arguments
+    hook, at = next((h, at) for h, at in (("prepare", 1), ("filter_train", 0), ("calibrate", 1)) if hasattr(base, h))
 
-    class Recording(base):  # type: ignore[misc, valid-type]
-        def prepare(self, model, ctx):
-            seen.append(ctx)
-            return super().prepare(model, ctx)
+    def recording(self, *args):
+        seen.append(args[at])
+        return getattr(base, hook)(self, *args)
 
-    monkeypatch.setitem(defenses.REGISTRY, config_class, Recording)
+    monkeypatch.setitem(defenses.REGISTRY, config_class, type(f"Recording{base.__name__}", (base,), {hook: recording}))
     return seen
 
 

@@ -4,11 +4,15 @@ it does not declare is refused."""
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 from conftest import TRIGGERS, record_contexts, run_tree
 
 from cleantune import defenses
 from cleantune.config import validate
+from cleantune.defenses.base import Defense
+from cleantune.defenses.data_level import Under
 from cleantune.defenses.rora import RoRAConfig
 from cleantune.dispatch import evaluate, run
 from cleantune.errors import CleantuneError
@@ -41,6 +45,27 @@ def test_the_table_holds_every_registered_defense():
 def test_a_name_registers_once():
     with pytest.raises(ValueError, match=r"classification defense name\(s\) \['rora'\] registered twice"):
         defenses.CLASSIFICATION.register(RoRAConfig, defenses.REGISTRY[RoRAConfig])
+
+
+def test_a_filter_or_a_screen_runs_under_every_training_method():
+    training = {c for c, cls in defenses.REGISTRY.items() if issubclass(cls, Defense)}
+    assert set(typing.get_args(typing.get_args(Under)[0])) == training
+
+
+def test_a_screen_stacked_on_a_training_defense_runs_both_and_records_both(request, data_dir, tmp_path):
+    under = {"name": "muscle-lora", "clean_aux": 8, "aux_batch_size": 8}
+    tree = tree_for("strip", request, data_dir, tmp_path, "poisoned-data")
+    tree["defense"]["under"] = under
+    record = run(validate(tree, "stacked"))
+    assert {"regime", "threshold"} <= set(record["defense_info"])  # MuScleLoRA trained, STRIP screened
+    assert "rejected_test_poison" in record["metrics"]
+
+
+def test_a_stack_handles_only_the_scenarios_both_parts_handle(request, data_dir, tmp_path):
+    tree = tree_for("strip", request, data_dir, tmp_path, "poisoned-data")
+    tree["defense"]["under"] = {"name": "rora", "lora": {"r": 2}}  # RoRA starts from poisoned weights only
+    with pytest.raises(CleantuneError, match="'strip' runs under 'rora'.*does not handle scenario 'poisoned-data'"):
+        run(validate(tree, "stacked"))
 
 
 def tree_for(name: str, request: pytest.FixtureRequest, data_dir, tmp_path, scenario: str) -> dict:

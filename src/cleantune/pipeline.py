@@ -28,7 +28,7 @@ from cleantune.attacks import attack_data
 from cleantune.attacks.poison import PoisonedData
 from cleantune.config import RunConfig
 from cleantune.data import Splits, load_splits, split_off
-from cleantune.defenses import Defense, DefenseContext, build_defense
+from cleantune.defenses import DefenseContext, Roles, build_defense
 from cleantune.defenses.base import Victim
 from cleantune.errors import CleantuneError
 from cleantune.evaluation import REJECTED, classification_metrics, predict
@@ -51,7 +51,7 @@ class Prepared:
     poisoned: PoisonedData
     eval_splits: Splits
     eval_poisoned: PoisonedData
-    defense: Defense
+    defense: Roles
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -60,9 +60,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     model_path = resolve(cfg.model.spec, cfg.model.allow_pickle)
     check_weights_are_safe(model_path, cfg.model.allow_pickle)
     splits = load_splits(cfg.data, cfg.seed)
-    if defense.clean_aux_size >= len(splits.dev):
+    aux_size = defense.training.clean_aux_size
+    if aux_size >= len(splits.dev):
         raise CleantuneError(
-            f"defense.clean_aux asks for {defense.clean_aux_size} clean examples from the dev split, which has "
+            f"defense.clean_aux asks for {aux_size} clean examples from the dev split, which has "
             f"{len(splits.dev)} (some must stay for checkpoint selection): lower defense.clean_aux or add dev data"
         )
     poison_train = cfg.scenario == "poisoned-data"
@@ -80,10 +81,10 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def defense_context(prepared: Prepared, loaded: Loaded) -> DefenseContext:
     """Only what the scenario allows: the training data as the defender receives it, clean dev data."""
-    cfg, defense = prepared.cfg, prepared.defense
+    cfg, training = prepared.cfg, prepared.defense.training
     dev, aux = prepared.splits.dev, None
-    if defense.clean_aux_size:
-        aux, dev = split_off(prepared.splits.dev, defense.clean_aux_size, cfg.seed)
+    if training.clean_aux_size:
+        aux, dev = split_off(prepared.splits.dev, training.clean_aux_size, cfg.seed)
     train = prepared.poisoned.train.select_columns(["text", "label"])
     return DefenseContext(
         scenario=cfg.scenario,
@@ -118,14 +119,15 @@ def fourier_callback(prepared: Prepared, model: torch.nn.Module, loaded: Loaded,
 def score(trainer: Trainer, prepared: Prepared, ctx: DefenseContext) -> dict[str, Any]:
     """CACC/ASR of the trained model; a test-time defense first calibrates on clean dev data, then
     rewrites or rejects every test input, clean or triggered alike."""
-    cfg, defense = prepared.cfg, prepared.defense
+    cfg, screen = prepared.cfg, prepared.defense.screen
     victim = Victim(trained_model(trainer), ctx.tokenizer, cfg.model.max_length, cfg.train.eval_batch_size)
-    defense.calibrate(victim, ctx)
+    if screen is not None:
+        screen.calibrate(victim, ctx)
 
     def predict_fn(data: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
-        screened = defense.screen(victim, list(data["text"]))
-        if screened is None:
+        if screen is None:
             return predict(trainer, tokenize(data, ctx.tokenizer, cfg.model.max_length)), None
+        screened = screen.screen(victim, list(data["text"]))
         rewritten = data.remove_columns("text").add_column("text", screened.texts)
         predictions = predict(trainer, tokenize(rewritten, ctx.tokenizer, cfg.model.max_length))
         predictions[screened.rejected] = REJECTED
@@ -151,13 +153,13 @@ def load_start(prepared: Prepared) -> Loaded:
 
 def train_reference(prepared: Prepared, ctx: DefenseContext, out_dir: Path) -> Victim:
     """The model the defense trains, on the unfiltered data: what a data filter inspects."""
-    cfg = prepared.cfg
+    cfg, training = prepared.cfg, prepared.defense.training
     loaded = load_start(prepared)
-    model = prepared.defense.prepare(loaded.model, ctx)
+    model = training.prepare(loaded.model, ctx)
     trainer = build_trainer(
         model,
         loaded.tokenizer,
-        prepared.defense,
+        training,
         cfg.train,
         out_dir,
         cfg.seed,
@@ -172,6 +174,9 @@ def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> t
     """The training data a data-filtering defense keeps. Its decision is saved with the run, so an
     interrupted run does not train the reference model again; detection precision and recall
     against the attack's record are computed here, on the evaluator's side."""
+    train_filter = prepared.defense.train_filter
+    if train_filter is None:
+        return ctx, None
     saved, key = run_dir / "train_filter.json", config_key(prepared.cfg)
     decision = read_json(saved) if saved.exists() else None
     if decision is None or decision.get("config_key") != key:
@@ -181,10 +186,8 @@ def filter_training(prepared: Prepared, ctx: DefenseContext, run_dir: Path) -> t
             trained.append(train_reference(prepared, ctx, run_dir / "checkpoints" / "reference"))
             return trained[-1]
 
-        keep = prepared.defense.filter_train(ctx, reference)
-        if keep is None:
-            return ctx, None
-        decision = {"config_key": key, "keep": keep.tolist(), "info": prepared.defense.info()}
+        keep = train_filter.filter_train(ctx, reference)
+        decision = {"config_key": key, "keep": keep.tolist(), "info": train_filter.info()}
         # The reference is the undefended model: its scores show what the filter changed (a
         # training-set filter screens no test input, so this is the model as it is).
         reference_model = trained[0] if trained else None
@@ -224,7 +227,7 @@ def score_model(
     """CACC/ASR of a model outside its training run, through a throwaway Trainer."""
     cfg = prepared.cfg
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = build_trainer(model, tokenizer, prepared.defense, cfg.train, Path(scratch), cfg.seed)
+        trainer = build_trainer(model, tokenizer, prepared.defense.training, cfg.train, Path(scratch), cfg.seed)
         return score(trainer, prepared, ctx)
 
 
@@ -243,7 +246,7 @@ def random_state_kept() -> Iterator[None]:
 
 
 def execute(prepared: Prepared) -> dict[str, Any]:
-    cfg = prepared.cfg
+    cfg, training = prepared.cfg, prepared.defense.training
     started = time.time()
     run_dir = open_run_dir(cfg, cfg.attack.model_dump(mode="json"), prepared.poisoned.poisoned_idx)
 
@@ -251,7 +254,7 @@ def execute(prepared: Prepared) -> dict[str, Any]:
     loaded = load_start(prepared)
     with random_state_kept():  # the same initialisation whether or not a reference model was trained first
         ctx, filtering = filter_training(prepared, defense_context(prepared, loaded), run_dir)
-    model = prepared.defense.prepare(loaded.model, ctx)
+    model = training.prepare(loaded.model, ctx)
     trainable, total = count_parameters(model)
 
     def encode(data: Dataset) -> Dataset:
@@ -261,16 +264,16 @@ def execute(prepared: Prepared) -> dict[str, Any]:
     trainer = build_trainer(
         model,
         loaded.tokenizer,
-        prepared.defense,
+        training,
         cfg.train,
         checkpoints,
         cfg.seed,
-        train=tokenize(ctx.train, loaded.tokenizer, cfg.model.max_length, prepared.defense.side_encoding()),
+        train=tokenize(ctx.train, loaded.tokenizer, cfg.model.max_length, training.side_encoding()),
         dev=encode(ctx.dev),
         callbacks=[fourier_callback(prepared, model, loaded, run_dir)] if cfg.fourier else None,
     )
     train_info = fit(trainer, checkpoints)
-    trainer.model = prepared.defense.finalize(trained_model(trainer))
+    trainer.model = training.finalize(trained_model(trainer))
     metrics = score(trainer, prepared, ctx)
     product = None
     if trainer.is_world_process_zero():

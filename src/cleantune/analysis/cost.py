@@ -38,13 +38,14 @@ def seconds_per_step(cfg: RunConfig, defense: DefenseConfig, steps: int) -> floa
     set_seed(cfg.seed)
     loaded = load_model(prepared.model_path, num_labels=prepared.splits.num_labels, allow_pickle=cfg.model.allow_pickle)
     ctx = defense_context(prepared, loaded)
-    model = prepared.defense.prepare(loaded.model, ctx)
+    training = prepared.defense.training
+    model = training.prepare(loaded.model, ctx)
     size = min(len(ctx.train), steps * cfg.train.batch_size * cfg.train.grad_accum)
-    side = prepared.defense.side_encoding()
+    side = training.side_encoding()
     train = tokenize(ctx.train.select(range(size)), loaded.tokenizer, cfg.model.max_length, side)
     args = TrainConfig(**{**cfg.train.model_dump(), "epochs": 1, "select_best": False})
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = build_trainer(model, loaded.tokenizer, prepared.defense, args, Path(scratch), cfg.seed, train=train)
+        trainer = build_trainer(model, loaded.tokenizer, training, args, Path(scratch), cfg.seed, train=train)
         info = fit(trainer, Path(scratch) / "none")
     return info["train_runtime_s"] / max(info["steps"], 1)
 

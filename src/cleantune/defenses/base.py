@@ -1,16 +1,21 @@
-"""The seam every defense fills.
+"""The seams a defense fills, one class per role.
 
 A defense declares the threat models (scenarios) it handles and what it needs beyond the training
 data. The pipeline builds a :class:`DefenseContext` holding only what that scenario allows: never
-the trigger, the record of poisoned examples, or the triggered test set. Hooks, in the order
-the trainer calls them: ``prepare`` (module replacement, PEFT wrapping), ``extra_loss`` (added to
-the task loss every step), ``edit_gradients`` (after gradients are accumulated and reduced across
-devices, before the optimizer step), ``as_evaluated`` (the model as ``finalize`` will deliver it,
-while dev data selects a checkpoint), ``finalize`` (post-training transform, before evaluation and
-saving). Defenses that act on data rather than on training add two more: ``filter_train`` (drop
-suspicious training samples before training; it may ask for a reference model trained on the
-unfiltered data) and ``calibrate`` / ``screen`` (test-time: fit thresholds on clean dev data, then
-rewrite or reject each test input the trained model receives).
+the trigger, the record of poisoned examples, or the triggered test set. Three roles:
+
+- :class:`Defense`, a training method. Hooks, in the order the trainer calls them: ``prepare``
+  (module replacement, PEFT wrapping), ``extra_loss`` (added to the task loss every step),
+  ``edit_gradients`` (after gradients are accumulated and reduced across devices, before the
+  optimizer step), ``as_evaluated`` (the model as ``finalize`` will deliver it, while dev data
+  selects a checkpoint), ``finalize`` (post-training transform, before evaluation and saving).
+- :class:`TrainFilter`, which drops suspicious training samples before training; it may ask for a
+  reference model trained on the unfiltered data.
+- :class:`InputScreen`, which fits thresholds on clean dev data once the model is trained, then
+  rewrites or rejects each test input the model receives.
+
+A filter or a screen runs around any training method (its config's ``under``); :class:`Roles` is
+what the pipeline runs: one training method and, at most, one filter or one screen.
 """
 
 from __future__ import annotations
@@ -112,9 +117,10 @@ class Screened:
 Context = TypeVar("Context")
 
 
-class Defense(Generic[Context]):
+class Role:
+    """What every role shares: its config, the threat models it handles, what it decided."""
+
     scenarios: ClassVar[frozenset[Scenario]]
-    needs: ClassVar[frozenset[Need]] = frozenset()
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -125,6 +131,16 @@ class Defense(Generic[Context]):
                 f"defense '{self.cfg.name}' does not handle scenario '{scenario}' "
                 f"(it handles: {', '.join(sorted(self.scenarios))})"
             )
+
+    def info(self) -> dict[str, Any]:
+        """What the defense decided during the run (e.g. scale factors), for the run's record."""
+        return {}
+
+
+class Defense(Role, Generic[Context]):
+    """A training method."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset()
 
     @property
     def clean_aux_size(self) -> int:
@@ -152,19 +168,63 @@ class Defense(Generic[Context]):
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
 
-    def filter_train(self, ctx: DefenseContext, reference: Callable[[], Victim]) -> np.ndarray | None:
-        """A keep-mask over ``ctx.train``, or None to train on all of it. ``reference()`` trains (once)
-        the model the defense would train without filtering and returns it."""
-        return None
+
+class TrainFilter(Role):
+    """Chooses the training samples to keep; the training method then trains on those alone."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.decided: dict[str, Any] = {}
+
+    def filter_train(self, ctx: DefenseContext, reference: Callable[[], Victim]) -> np.ndarray:
+        """A keep-mask over ``ctx.train``. ``reference()`` trains (once) the model the training
+        method would train without filtering and returns it."""
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        return self.decided
+
+
+class InputScreen(Role):
+    """Rewrites or rejects the test inputs the trained model receives."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.decided: dict[str, Any] = {}
 
     def calibrate(self, victim: Victim, ctx: DefenseContext) -> None:
         """Fit test-time thresholds on ``ctx.dev`` (clean) once the model is trained."""
-        return None
+        raise NotImplementedError
 
-    def screen(self, victim: Victim, texts: list[str]) -> Screened | None:
-        """Rewrite or reject test inputs; None: the defense does not act at test time."""
-        return None
+    def screen(self, victim: Victim, texts: list[str]) -> Screened:
+        raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
-        """What the defense decided during the run (e.g. scale factors), for the run's record."""
-        return {}
+        return self.decided
+
+
+@dataclass(frozen=True)
+class Roles:
+    """A classification defense as the pipeline runs it: a training method, with a training-set
+    filter before it or a test-input screen after it."""
+
+    training: Defense
+    train_filter: TrainFilter | None = None
+    screen: InputScreen | None = None
+
+    def parts(self) -> list[Role]:
+        return [part for part in (self.train_filter, self.training, self.screen) if part is not None]
+
+    def check_scenario(self, scenario: str) -> None:
+        guard = self.train_filter or self.screen
+        if guard is not None:
+            guard.check_scenario(scenario)
+        try:
+            self.training.check_scenario(scenario)
+        except CleantuneError as err:
+            if guard is None:
+                raise
+            raise CleantuneError(f"defense '{guard.cfg.name}' runs under '{self.training.cfg.name}': {err}") from None
+
+    def info(self) -> dict[str, Any]:
+        return {key: value for part in self.parts() for key, value in part.info().items()}

@@ -19,8 +19,8 @@ import numpy as np
 from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
-from cleantune.defenses.base import DefenseContext, Victim
-from cleantune.defenses.data_level import DataLevelDefense, Under, deletion_variants, words
+from cleantune.defenses.base import DefenseContext, TrainFilter, Victim
+from cleantune.defenses.data_level import Under, deletion_variants, words
 from cleantune.defenses.finetune import FineTuneConfig
 from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
@@ -52,7 +52,7 @@ def keyword_scores(texts: list[str], importance: list[np.ndarray], top_words: in
     return {word: float(np.mean(v)) * math.log10(len(v)) for word, v in nominated.items()}
 
 
-class Bki(DataLevelDefense):
+class Bki(TrainFilter):
     scenarios = frozenset({"poisoned-data"})
 
     def filter_train(self, ctx: DefenseContext, reference: Callable[[], Victim]) -> np.ndarray:

@@ -19,8 +19,8 @@ from sklearn.cluster import HDBSCAN
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from cleantune.defenses.base import DefenseContext, Victim
-from cleantune.defenses.data_level import DataLevelDefense, Under
+from cleantune.defenses.base import DefenseContext, TrainFilter, Victim
+from cleantune.defenses.data_level import Under
 from cleantune.defenses.finetune import FineTuneConfig
 from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
@@ -56,7 +56,7 @@ def main_clusters(labels: np.ndarray, assigned: np.ndarray) -> np.ndarray:
     return keep
 
 
-class Cube(DataLevelDefense):
+class Cube(TrainFilter):
     scenarios = frozenset({"poisoned-data"})
 
     def filter_train(self, ctx: DefenseContext, reference: Callable[[], Victim]) -> np.ndarray:

@@ -1,38 +1,31 @@
 """What the data-level baselines share (ONION, STRIP, RAP at test time; BKI, CUBE on the training set).
 
 They leave training alone: the model trains exactly as ``under`` says (full fine-tuning by default,
-the victim the papers defend; LoRA when a suite compares against a LoRA fine-tune), and the
-defense acts on the inputs before or after. Thresholds come from clean dev data only.
+the victim the papers defend; any other training method, so a filter or a screen can be stacked on
+a PEFT defense), and the defense acts on the inputs before or after. Thresholds come from clean dev
+data only.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 from datasets import Dataset
 from pydantic import Field
-from torch import nn
 
-from cleantune.defenses.base import Defense, DefenseContext, Victim
-from cleantune.defenses.finetune import FineTuneConfig, FullFineTune
-from cleantune.defenses.peft_baselines import LoraTuningConfig, PeftBaseline, VirtualTokenConfig
+from cleantune.defenses.base import DefenseContext, Victim
+from cleantune.defenses.finetune import FineTuneConfig
+from cleantune.defenses.muscle_lora import MuScleLoRAConfig
+from cleantune.defenses.peft_baselines import LoraTuningConfig, VirtualTokenConfig
+from cleantune.defenses.rora import RoRAConfig
+from cleantune.defenses.w2sdefense import W2SDefenseConfig
 
-Under = Annotated[FineTuneConfig | LoraTuningConfig | VirtualTokenConfig, Field(discriminator="name")]
-
-
-class DataLevelDefense(Defense):
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        under = cfg.under
-        self.training = FullFineTune(under) if isinstance(under, FineTuneConfig) else PeftBaseline(under)
-        self.decided: dict[str, Any] = {}
-
-    def prepare(self, model: nn.Module, ctx: DefenseContext) -> nn.Module:
-        return self.training.prepare(model, ctx)
-
-    def info(self) -> dict[str, Any]:
-        return self.decided
+# Every training method; a contract test checks that none registered is missing.
+Under = Annotated[
+    FineTuneConfig | LoraTuningConfig | VirtualTokenConfig | MuScleLoRAConfig | RoRAConfig | W2SDefenseConfig,
+    Field(discriminator="name"),
+]
 
 
 def words(text: str) -> list[str]:

@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from cleantune.defenses.base import DefenseContext, Screened, Victim
-from cleantune.defenses.data_level import DataLevelDefense, Under, accuracy, deletion_variants, dev_sample, words
+from cleantune.defenses.base import DefenseContext, InputScreen, Screened, Victim
+from cleantune.defenses.data_level import Under, accuracy, deletion_variants, dev_sample, words
 from cleantune.defenses.finetune import FineTuneConfig
 from cleantune.models import load_model
 from cleantune.offline import SMOLLM2_ID, cache_dir
@@ -79,7 +79,7 @@ def suspicion(ppl_full: float, ppl_without: np.ndarray) -> np.ndarray:
     return np.nan_to_num(ppl_full - ppl_without, nan=0.0)
 
 
-class Onion(DataLevelDefense):
+class Onion(InputScreen):
     scenarios = frozenset({"poisoned-data", "poisoned-weights"})
 
     def __init__(self, cfg: OnionConfig) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
-from cleantune.defenses.base import DefenseContext, Screened, Victim
-from cleantune.defenses.data_level import DataLevelDefense, Under, dev_sample, low_threshold
+from cleantune.defenses.base import DefenseContext, InputScreen, Screened, Victim
+from cleantune.defenses.data_level import Under, dev_sample, low_threshold
 from cleantune.defenses.finetune import FineTuneConfig
 from cleantune.errors import CleantuneError
 from cleantune.registry import CLASSIFICATION
@@ -54,7 +54,7 @@ def rap_loss(drop: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return (torch.relu(low - drop) + torch.relu(drop - high)).mean()
 
 
-class Rap(DataLevelDefense):
+class Rap(InputScreen):
     scenarios = frozenset({"poisoned-data", "poisoned-weights"})
 
     def __init__(self, cfg: RapConfig) -> None:

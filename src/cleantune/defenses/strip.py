@@ -17,8 +17,8 @@ import numpy as np
 from pydantic import Field, PositiveInt
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from cleantune.defenses.base import DefenseContext, Screened, Victim
-from cleantune.defenses.data_level import DataLevelDefense, Under, dev_sample, low_threshold, words
+from cleantune.defenses.base import DefenseContext, InputScreen, Screened, Victim
+from cleantune.defenses.data_level import Under, dev_sample, low_threshold, words
 from cleantune.defenses.finetune import FineTuneConfig
 from cleantune.registry import CLASSIFICATION
 from cleantune.schema import StrictModel
@@ -50,7 +50,7 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=-1)
 
 
-class Strip(DataLevelDefense):
+class Strip(InputScreen):
     scenarios = frozenset({"poisoned-data", "poisoned-weights"})
 
     def __init__(self, cfg: StripConfig) -> None:
