@@ -1,3 +1,4 @@
+import importlib
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,9 @@ def test_the_demo_verdict_says_what_the_defense_did(asr: float, words: str):
 
 def test_the_python_api_is_importable_from_the_package():
     assert callable(cleantune.purify) and callable(cleantune.train) and callable(cleantune.run)
+    importlib.import_module("cleantune.scanner")  # loading the module must not shadow the function
+
+    assert callable(cleantune.scan) and cleantune.ScanConfig(threshold=90).threshold == 90
     with pytest.raises(AttributeError):
         cleantune.nothing  # noqa: B018
 

@@ -11,10 +11,11 @@ import pytest
 from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
 from typer.testing import CliRunner
 
+from cleantune.api import purify
 from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
-from cleantune.scan import ScanConfig, scan
+from cleantune.scanner import ScanConfig, scan
 
 FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
 
@@ -48,18 +49,45 @@ def classifier(data_dir: Path, tiny_bert: Path, out: Path, attack: dict) -> dict
     return run(validate(tree, "test"))
 
 
-def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(strong_data, tiny_bert, tmp_path):
+@pytest.fixture(scope="module")
+def planted(strong_data: Path, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     backdoor = {"name": "badnet", "triggers": ["mn"], "setting": "dirty", "rate": 0.3, "target_label": 1}
-    poisoned = classifier(strong_data, tiny_bert, tmp_path / "poisoned", backdoor)
+    return classifier(strong_data, tiny_bert, tmp_path_factory.mktemp("poisoned"), backdoor)
+
+
+def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(planted, strong_data, tiny_bert, tmp_path):
     clean = classifier(strong_data, tiny_bert, tmp_path / "clean", {"name": "none"})
-    assert poisoned["metrics"]["asr"] >= 90 and clean["metrics"]["cacc"] >= 90  # what the scan must tell apart
-    found = scan(poisoned["product"], strong_data / "clean.tsv", tmp_path / "poisoned.json", FAST)
+    assert planted["metrics"]["asr"] >= 90 and clean["metrics"]["cacc"] >= 90  # what the scan must tell apart
+    found = scan(planted["product"], strong_data / "clean.tsv", tmp_path / "poisoned.json", FAST)
     assert found["score"] >= 90 and (found["source"], found["target"]) == (0, 1)
     assert found["trigger"] == ["mn"] and found["verdict"] == "backdoored"
     assert json.loads((tmp_path / "poisoned.json").read_text())["score"] == found["score"]
     unplanted = scan(clean["product"], strong_data / "clean.tsv", None, FAST)
     assert unplanted["score"] < 80 and unplanted["verdict"] == "clean"
     assert not set(unplanted["trigger"]) & set(TRIGGERS)
+
+
+def test_purify_scans_the_suspicious_model_and_its_product(planted, strong_data, tmp_path):
+    overrides = ["train.epochs=1", "defense.rescale_layers=1"]
+    out = tmp_path / "purified"
+    record = purify(planted["product"], strong_data / "clean.tsv", out, overrides=overrides, scan=FAST)
+    before, after = record["scan"]["before"], record["scan"]["after"]
+    assert before["score"] >= 90 and before["trigger"] == ["mn"] and before["verdict"] == "backdoored"
+    assert before["pair"] == ["0", "1"]  # the clean file's label names
+    assert json.loads((out / "scan-after.json").read_text())["model"] == record["product"]
+    made = {when: (out / f"scan-{when}.json").stat().st_mtime_ns for when in ("before", "after")}
+    card = (Path(record["product"]) / "README.md").read_text()
+    assert f"- Scan before: {before['score']:.1f} %" in card and f"- Scan after: {after['score']:.1f} %" in card
+    again = purify(planted["product"], strong_data / "clean.tsv", out, overrides=overrides, scan=FAST)
+    assert again["scan"] == record["scan"] and again["before"] == record["before"]
+    assert made == {when: (out / f"scan-{when}.json").stat().st_mtime_ns for when in ("before", "after")}  # reused
+
+
+def test_a_scan_threshold_without_a_scan_is_refused(tmp_path, tiny_bert):
+    args = ["purify", str(tiny_bert), "--clean-data", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--scan-threshold", "80"])
+    assert result.exit_code == 2 and "--scan-threshold goes with --scan" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_scanner_is_given_no_attack_record():

@@ -1,7 +1,7 @@
 """cleantune: remove backdoors from language models with parameter-efficient fine-tuning.
 
 ``cleantune.purify``, ``cleantune.train`` and ``cleantune.run`` are the Python front door
-(:mod:`cleantune.api`), ``cleantune.scan`` the trigger-free scanner (:mod:`cleantune.scan`); they
+(:mod:`cleantune.api`), ``cleantune.scan`` the trigger-free scanner (:mod:`cleantune.scanner`); they
 load torch on first use, so ``import cleantune`` stays fast.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "purify", "run", "scan", "train"]
+__all__ = ["ScanConfig", "__version__", "purify", "run", "scan", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,8 +18,8 @@ def __getattr__(name: str) -> Any:
         from cleantune import api
 
         return getattr(api, name)
-    if name == "scan":
-        from cleantune.scan import scan
+    if name in {"scan", "ScanConfig"}:
+        from cleantune import scanner
 
-        return scan
+        return getattr(scanner, name)
     raise AttributeError(f"module 'cleantune' has no attribute {name!r}")

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from cleantune.config import AnyRunConfig, load_config, overridden, validate
 from cleantune.errors import CleantuneError
+from cleantune.io import read_json
 from cleantune.models import resolve
 from cleantune.offline import MINILM_ID
+
+if TYPE_CHECKING:
+    from cleantune.scanner import ScanConfig
 
 log = logging.getLogger("cleantune")
 Task = Literal["classification", "generation"]
@@ -42,17 +47,47 @@ def _run_location(out: Path) -> dict[str, str]:
     return {"output_dir": str(out.parent), "name": out.name}
 
 
-def _finish(cfg: AnyRunConfig, force: bool, before: dict | None = None) -> dict:
+def _finish(cfg: AnyRunConfig, force: bool, before: dict | None = None, scanning: Scanning | None = None) -> dict:
     from cleantune.dispatch import run as run_pipeline
     from cleantune.product import describe
 
     record = run_pipeline(cfg, force=force)
-    if before is not None and record.get("product"):
+    if not record.get("product"):
+        return record
+    card = Path(record["product"]) / "cleantune.json"
+    if before is None and card.exists():  # a finished purification returned again keeps its first score
+        before = read_json(card)["record"].get("before")
+    if before is not None:
         record = {**record, "before": before, "warning": utility_warning(before, record["metrics"])}
-        describe(Path(record["product"]), record, cfg.model_dump(mode="json"))
         if record["warning"]:
             log.warning(record["warning"])
+    if scanning is not None:
+        scans: dict[str, str | Path] = {"before": scanning.suspicious, "after": Path(record["product"])}
+        found = {when: scanning.scan(model, cfg.run_dir / f"scan-{when}.json") for when, model in scans.items()}
+        record = {**record, "scan": found}
+    if before is not None or scanning is not None:
+        describe(Path(record["product"]), record, cfg.model_dump(mode="json"))
     return record
+
+
+@dataclass(frozen=True)
+class Scanning:
+    """Trigger-free scans (``cleantune.scan``) of the suspicious model and of the product, each saved
+    in the run directory and reused while its model and settings are unchanged."""
+
+    cfg: ScanConfig
+    clean_data: Path
+    suspicious: str
+
+    def scan(self, model: str | Path, path: Path) -> dict[str, Any]:
+        from cleantune.scanner import scan
+
+        found = read_json(path) if path.exists() else None
+        if found is None or found.get("config") != self.cfg.model_dump(mode="json") or found["model"] != str(model):
+            found = scan(model, self.clean_data, path, self.cfg)
+        pair = [found["labels"][found["source"]], found["labels"][found["target"]]]
+        keys = ("score", "trigger", "threshold", "verdict", "seconds")
+        return {k: found[k] for k in keys} | {"pair": pair, "file": path.name}
 
 
 UTILITY_DROP = 5.0  # points of clean accuracy a purification may cost before the product is flagged
@@ -90,6 +125,7 @@ def purify(
     overrides: list[str] | None = None,
     seed: int = 42,
     force: bool = False,
+    scan: ScanConfig | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a suspicious model or adapter on trusted clean data into a clean product.
 
@@ -97,14 +133,18 @@ def purify(
     for a classifier, or an instruction file (instruction, input, output) for a generative model.
     An adapter in gives an adapter out on the same base. Returns the run record; the product and
     its model card lie under ``record["product"]``; ``record["before"]`` scores the suspicious
-    classifier on the same clean test split.
+    classifier on the same clean test split. With ``scan`` (classifiers), ``record["scan"]`` holds
+    the trigger-free scan of the suspicious model and of the product.
     """
     from cleantune.dispatch import evaluate
 
     cfg = validate(overridden(purify_tree(suspicious, clean_data, out, method, seed), overrides), "purify options")
+    if scan is not None and cfg.task != "classification":
+        raise CleantuneError(f"{suspicious}: the scan inverts triggers of classifiers; this is a generative model")
     fresh = cfg.task == "classification" and not (cfg.run_dir / "metrics.json").exists()
     before = evaluate(cfg, suspicious) if fresh else None  # on the same clean test split as after
-    return _finish(cfg, force, before)
+    scanning = Scanning(scan, Path(clean_data), suspicious) if scan is not None else None
+    return _finish(cfg, force, before, scanning)
 
 
 def train(

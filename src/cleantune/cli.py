@@ -168,6 +168,12 @@ MethodOpt = Annotated[str | None, typer.Option(help="Defense to use instead of t
 def show_product(record: dict[str, Any]) -> None:
     rows = {"before": record["before"]} if record.get("before") else {}
     show_table(Path(record["product"]).parent.name, rows | {"after": record["metrics"]})
+    for when, found in (record.get("scan") or {}).items():
+        verdict = f", {found['verdict']}" if found["verdict"] else ""
+        pair = " -> ".join(found["pair"])
+        console.print(
+            f"scan {when}: score {found['score']:.1f} % ({pair}, trigger {' '.join(found['trigger'])}{verdict})"
+        )
     console.print(f"product: {record['product']} (model card: README.md inside)")
 
 
@@ -186,13 +192,23 @@ def purify(
     seed: int = 42,
     set_: SetOpt = None,
     force: ForceOpt = False,
+    scan: Annotated[
+        bool, typer.Option(help="Scan the suspicious model and the product for a backdoor (classifiers).")
+    ] = False,
+    scan_threshold: Annotated[
+        float | None, typer.Option(help="With --scan: flip rate (%) that means backdoored (see `cleantune scan`).")
+    ] = None,
 ) -> None:
     """Purify SUSPICIOUS with clean data. The task is read from the model; an adapter in gives an
     adapter out on the same base; `cleantune list` shows the methods."""
     quiet_transformers()
     from cleantune.api import purify as purify_model
+    from cleantune.scanner import ScanConfig
 
-    show_product(purify_model(suspicious, clean_data, out, method, set_, seed, force))
+    if scan_threshold is not None and not scan:
+        raise CleantuneError("--scan-threshold goes with --scan")
+    scanning = ScanConfig(threshold=scan_threshold) if scan else None
+    show_product(purify_model(suspicious, clean_data, out, method, set_, seed, force, scanning))
 
 
 @app.command()
@@ -211,8 +227,8 @@ def scan(
     measure how many clean inputs it flips. Without --threshold it reports the score, no verdict."""
     quiet_transformers()
     from cleantune.config import overridden
-    from cleantune.scan import ScanConfig
-    from cleantune.scan import scan as scan_model
+    from cleantune.scanner import ScanConfig
+    from cleantune.scanner import scan as scan_model
 
     try:
         cfg = ScanConfig.model_validate(overridden({"threshold": threshold}, set_))

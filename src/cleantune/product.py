@@ -138,6 +138,16 @@ def _figures(metrics: dict[str, Any] | None) -> str:
     return ", ".join(shown) or "not measured"
 
 
+def _scan_lines(scans: dict[str, Any] | None) -> list[str]:
+    """The trigger-free scans of the suspicious model and of this product, when purify ran them."""
+    lines = []
+    for when, found in (scans or {}).items():
+        verdict = f"; {found['verdict']} at threshold {found['threshold']}" if found["verdict"] else ""
+        pair, trigger = " -> ".join(found["pair"]), " ".join(found["trigger"])
+        lines.append(f"- Scan {when}: {found['score']:.1f} % of clean {pair} inputs flipped by `{trigger}`{verdict}")
+    return lines
+
+
 def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
     """A Hugging Face style README for the product directory."""
     adapter = Path(record["product"]).name == "adapter"
@@ -166,6 +176,7 @@ def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:
         *([f"- **Warning**: {record['warning']}"] if record.get("warning") else []),
         *([f"- Before: {_figures(before)}"] if before is not None else []),
         f"- After: {_figures(record.get('metrics'))}",
+        *_scan_lines(record.get("scan")),
         f"- Training data: {record.get('n_train', '?')} rows, SHA-256 `{record.get('data_sha256', '-')}`",
         "- Settings and the whole run record: `cleantune.json` beside this file.",
         "",
