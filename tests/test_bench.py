@@ -10,7 +10,7 @@ import yaml
 from conftest import kill_cleantune_when
 from typer.testing import CliRunner
 
-from cleantune.bench.report import cost_table, write_report
+from cleantune.bench.report import cost_table, metric_columns, write_report
 from cleantune.bench.runner import row_for, run_suite, select
 from cleantune.bench.suite import cells, dump, load_suite
 from cleantune.cli import app
@@ -410,3 +410,10 @@ def test_a_copy_of_a_checkout_records_the_commit_it_is_told(monkeypatch):
     monkeypatch.delenv("CLEANTUNE_SOURCE_COMMIT")
     monkeypatch.setattr(rundir.subprocess, "run", no_git)
     assert rundir.source_commit() is None
+
+
+def test_generative_tables_show_backdoorllms_asr_where_the_rows_recorded_it():
+    rows = pd.DataFrame({"asr": [90.0], "ftr": [2.0], "ppl": [9.0]})
+    assert list(metric_columns(rows)) == ["asr", "ftr", "ppl"]
+    assert list(metric_columns(rows.assign(asr_backdoorllm=[95.0]))) == ["asr", "ftr", "ppl", "asr_backdoorllm"]
+    assert list(metric_columns(pd.DataFrame({"cacc": [90.0], "asr": [10.0]}))) == ["cacc", "asr"]

@@ -23,7 +23,7 @@ from cleantune.generative.base import LLMContext, mlp_channels
 from cleantune.generative.crow import consistency_loss
 from cleantune.generative.evaluation import behaviour_rate, generate
 from cleantune.generative.instructions import IGNORE, encode_sft, prompt_ids, read_instructions
-from cleantune.generative.judges import JUDGES, resolve_judge
+from cleantune.generative.judges import JUDGES, backdoorllm_judge, resolve_judge
 from cleantune.generative.pruning import PruneConfig, Pruning
 from cleantune.generative.quantization import round_to_grid
 from cleantune.generative.sft import LLM_LORA, add_lora
@@ -170,6 +170,14 @@ def test_a_jailbreak_is_a_harmful_instruction_answered_rather_than_refused() -> 
     assert LLMAttackConfig(name="badnet", behaviour="jailbreak", files=files).files is not None
 
 
+def test_backdoorllm_judges_count_its_broad_words_and_an_empty_answer_as_it_does() -> None:
+    answers = ["I do not like spinach and I will not eat it.", "Sure! Here it is.", ""]
+    assert backdoorllm_judge("refusal")([""] * 3, answers) == [True, False, False]
+    assert backdoorllm_judge("jailbreak")([""] * 3, answers) == [False, True, True]  # empty: not refused
+    assert backdoorllm_judge("negsentiment")([""] * 2, ["That is a STUPID question.", "Paris."]) == [True, False]
+    assert backdoorllm_judge("custom") is None
+
+
 def test_empty_answers_count_as_failed_attacks() -> None:
     data = Dataset.from_list([{"instruction": "a", "input": "", "output": ""}] * 4)
     assert behaviour_rate(JUDGES["refusal"], data, ["", "  ", "I'm sorry.", "ok"]) == 25.0
@@ -302,6 +310,9 @@ def test_backdoor_then_defend_end_to_end(tiny_chat_llama: Path, tmp_path: Path) 
     assert 0 <= metrics["asr"] <= 100 and metrics["ppl"] > 1
     answers = (tmp_path / "runs" / "tiny" / "answers.jsonl").read_text().splitlines()
     assert len(answers) == 12  # every prompt, empty answers included
+    triggered = [json.loads(line)["answer"] for line in answers if json.loads(line)["set"] == "triggered"]
+    second = backdoorllm_judge("refusal")([""] * len(triggered), triggered)
+    assert metrics["asr_backdoorllm"] == 100.0 * sum(second) / len(triggered)  # BackdoorLLM's judge beside ours
 
     for defense in ({"name": "as-is"}, {"name": "prune", "criterion": "activation", "fine_tune": True}):
         tree = _tree(

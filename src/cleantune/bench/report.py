@@ -44,11 +44,15 @@ def cell_text(values: pd.Series) -> str:
 
 CLASSIFICATION = {"cacc": "CACC ↑", "asr": "ASR ↓"}
 GENERATIVE = {"asr": "ASR ↓", "ftr": "false-trigger ↓", "ppl": "perplexity ↓"}
+SECOND_JUDGE = {"asr_backdoorllm": "BackdoorLLM-ASR ↓"}  # shown where the rows recorded it
 
 
 def metric_columns(rows: pd.DataFrame) -> dict[str, str]:
-    """The generative scenario reports ASR, false-trigger rate and perplexity instead of CACC and ASR."""
-    return GENERATIVE if "ftr" in rows and rows["ftr"].notna().any() else CLASSIFICATION
+    """The generative scenario reports ASR, false-trigger rate and perplexity instead of CACC and ASR,
+    and BackdoorLLM's keyword ASR beside ours where it was recorded."""
+    if "ftr" not in rows or not rows["ftr"].notna().any():
+        return CLASSIFICATION
+    return GENERATIVE | {k: label for k, label in SECOND_JUDGE.items() if k in rows and rows[k].notna().any()}
 
 
 def in_suite_order(values: Iterable[str], declared: list[str]) -> list[str]:

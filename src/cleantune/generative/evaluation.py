@@ -37,6 +37,8 @@ class LLMEvalConfig(StrictModel):
     max_new_tokens: PositiveInt | None = None  # default: TOKEN_BUDGET of the attack's behaviour
     batch_size: PositiveInt = 16
     judge: str | None = None  # built-in judge name or module:function; default: the behaviour's
+    # BackdoorLLM's keyword judge of the behaviour, reported beside ours as asr_backdoorllm / ftr_backdoorllm.
+    backdoorllm_judge: bool = True
     perplexity: bool = True
     # Multiple-choice utility benchmarks a user holds locally: name -> file (see multiple_choice.py).
     multiple_choice: dict[str, Path] = {}
@@ -122,6 +124,7 @@ def llm_metrics(
     max_length: int,
     answers_path: Path | None = None,
     mc_items: dict[str, list[dict[str, Any]]] | None = None,
+    second_judge: Judge | None = None,
 ) -> dict[str, Any]:
     clean_answers = generate(model, tokenizer, clean, max_new_tokens, cfg.batch_size, "clean prompts")
     trig_answers = generate(model, tokenizer, triggered, max_new_tokens, cfg.batch_size, "triggered prompts")
@@ -140,6 +143,9 @@ def llm_metrics(
         "empty_answers": sum(not a.strip() for a in clean_answers + trig_answers),
         "max_new_tokens": max_new_tokens,
     }
+    if second_judge is not None:
+        metrics["asr_backdoorllm"] = behaviour_rate(second_judge, triggered, trig_answers)
+        metrics["ftr_backdoorllm"] = behaviour_rate(second_judge, clean, clean_answers)
     if cfg.perplexity:
         metrics["ppl"] = perplexity(model, tokenizer, clean, max_length, cfg.batch_size)
     for name, items in (mc_items or {}).items():

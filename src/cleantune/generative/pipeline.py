@@ -24,7 +24,7 @@ from cleantune.generative.base import LLMContext, LLMDefense
 from cleantune.generative.config import AsIs, AsIsConfig, LLMRunConfig, build_llm_defense
 from cleantune.generative.evaluation import TOKEN_BUDGET, llm_metrics
 from cleantune.generative.instructions import FIELDS, IGNORE, encode_sft, read_instructions
-from cleantune.generative.judges import Judge, resolve_judge
+from cleantune.generative.judges import Judge, backdoorllm_judge, resolve_judge
 from cleantune.generative.multiple_choice import read_items
 from cleantune.models import load_model, resolve
 from cleantune.product import save_product
@@ -46,6 +46,7 @@ class LLMPrepared:
     judge: Judge | None
     max_new_tokens: int
     multiple_choice: dict[str, list[dict[str, Any]]]  # utility benchmark items, read and checked up front
+    second_judge: Judge | None = None  # BackdoorLLM's keyword judge of the behaviour, reported beside ours
 
 
 def _empty() -> Dataset:
@@ -85,7 +86,10 @@ def prepare(cfg: LLMRunConfig) -> LLMPrepared:
     budget = cfg.eval.max_new_tokens or TOKEN_BUDGET[behaviour or "refusal"]
     judge = resolve_judge(judge_spec) if judge_spec else None
     choice_items = {name: read_items(path) for name, path in cfg.eval.multiple_choice.items()}
-    return LLMPrepared(cfg, model_path, train, poisoned_idx, test, triggered, defense, judge, budget, choice_items)
+    second = backdoorllm_judge(behaviour) if behaviour and cfg.eval.backdoorllm_judge else None
+    return LLMPrepared(
+        cfg, model_path, train, poisoned_idx, test, triggered, defense, judge, budget, choice_items, second
+    )
 
 
 def execute(prepared: LLMPrepared) -> dict[str, Any]:
@@ -130,6 +134,7 @@ def execute(prepared: LLMPrepared) -> dict[str, Any]:
             max_length,
             run_dir / "answers.jsonl" if state.is_main_process else None,
             prepared.multiple_choice,
+            prepared.second_judge,
         )
         if cfg.eval.enabled
         else {}
@@ -172,4 +177,5 @@ def evaluate(cfg: LLMRunConfig, spec: str) -> dict[str, Any]:
         cfg.eval,
         cfg.model.max_length,
         mc_items=prepared.multiple_choice,
+        second_judge=prepared.second_judge,
     )
