@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from cleantune.errors import CleantuneError
 from cleantune.generative.sft import LLM_LORA, add_lora
 from cleantune.generative.signature_purification import (
-    channel_vectors,
+    Channels,
     select_signature,
     signature_scores,
     suppress,
@@ -55,11 +55,11 @@ def random_adapter(path: Path) -> torch.nn.Module:
 def test_adapter_suppression_zeroes_exactly_the_selected_channels(tiny_chat_llama: Path) -> None:
     model = random_adapter(tiny_chat_llama)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    vectors = channel_vectors(model, adapter_only=True)
+    vectors = Channels("mlp", True).vectors(model)
     assert vectors.shape == (2 * 64, 8 + 8 + 8)  # 2 layers x 64 channels; gate/up B rows, down A column (r 8)
     chosen = torch.tensor([3, 64 + 10, 64 + 63])
-    assert suppress(model, chosen, adapter_only=True, init_std=0.02) == 9
-    after = channel_vectors(model, adapter_only=True)
+    assert suppress(model, chosen, Channels("mlp", True), 0.02) == 9
+    after = Channels("mlp", True).vectors(model)
     zero = after.abs().sum(dim=1) == 0
     assert zero.nonzero().flatten().tolist() == chosen.tolist()
     for name, param in model.named_parameters():
@@ -69,10 +69,10 @@ def test_adapter_suppression_zeroes_exactly_the_selected_channels(tiny_chat_llam
 
 def test_full_model_suppression_reinitialises_rows_and_columns(tiny_chat_llama: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
-    before = channel_vectors(model, adapter_only=False)
+    before = Channels("mlp", False).vectors(model)
     torch.manual_seed(1)
-    suppress(model, torch.tensor([5, 70]), adapter_only=False, init_std=0.02)
-    after = channel_vectors(model, adapter_only=False)
+    suppress(model, torch.tensor([5, 70]), Channels("mlp", False), 0.02)
+    after = Channels("mlp", False).vectors(model)
     moved = (after != before).any(dim=1).nonzero().flatten().tolist()
     assert moved == [5, 70]
     assert after[[5, 70]].std().item() == pytest.approx(0.02, rel=0.3)
@@ -82,16 +82,52 @@ def test_full_model_suppression_reinitialises_rows_and_columns(tiny_chat_llama: 
 def test_head_channels_are_q_rows_and_o_columns_of_one_head(tiny_chat_llama: Path) -> None:
     model = random_adapter(tiny_chat_llama)
     attn = model.base_model.model.model.layers[1].self_attn
-    vectors = channel_vectors(model, adapter_only=True, kind="head")
+    vectors = Channels("head", True).vectors(model)
     assert vectors.shape == (2 * 2, 16 * 8 + 16 * 8)  # 2 layers x 2 heads of size 16; B rows of q, A columns of o
     assert torch.equal(vectors[3, : 16 * 8], attn.q_proj.lora_B["default"].weight[16:].flatten())
     before = {n: p.clone() for n, p in model.named_parameters()}
-    assert suppress(model, torch.tensor([3]), adapter_only=True, init_std=0.02, kind="head") == 32
+    assert suppress(model, torch.tensor([3]), Channels("head", True), 0.02) == 32
     assert (attn.q_proj.lora_B["default"].weight[16:] == 0).all()
     assert (attn.o_proj.lora_A["default"].weight[:, 16:] == 0).all()
     assert attn.o_proj.lora_A["default"].weight[:, :16].abs().sum() > 0  # the other head stays
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert moved == [n for n in before if "layers.1.self_attn" in n and ("q_proj.lora_B" in n or "o_proj.lora_A" in n)]
+
+
+def test_adapter_channels_can_be_read_from_the_update_the_factors_make(tiny_chat_llama: Path) -> None:
+    model = random_adapter(tiny_chat_llama)
+    mlp = model.base_model.model.model.layers[0].mlp
+    vectors = Channels("mlp", True, delta=True).vectors(model)
+    assert vectors.shape == (2 * 64, 32 + 32 + 32)  # gate and up rows, down column of each layer's ΔW
+    gate, down = mlp.gate_proj.get_delta_weight("default"), mlp.down_proj.get_delta_weight("default")
+    assert torch.allclose(vectors[7, :32], gate[7]) and torch.allclose(vectors[7, 64:], down[:, 7])
+    suppress(model, torch.tensor([7]), Channels("mlp", True, delta=True), 0.02)  # still zeroes the factors
+    assert (mlp.gate_proj.get_delta_weight("default")[7] == 0).all() and (
+        mlp.down_proj.lora_A["default"].weight[:, 7] == 0
+    ).all()
+
+
+def test_heads_with_keys_and_values_share_them_within_a_query_group() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=16,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)  # head size 8; query heads 0, 1 share key / value head 0
+    attn = model.model.layers[0].self_attn
+    heads = Channels("head", False, kv=True)
+    vectors = heads.vectors(model)
+    assert vectors.shape == (4, 4 * 8 * 32)  # q, k, v rows and o columns of each head
+    assert torch.equal(vectors[0, 256:512], vectors[1, 256:512])  # the shared key rows
+    assert not torch.equal(vectors[1, 256:512], vectors[2, 256:512])
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    assert suppress(model, torch.tensor([1]), heads, 0.02) == 4 * 8
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"model.layers.0.self_attn.{k}_proj.weight" for k in "qkvo"}
+    assert torch.equal(attn.k_proj.weight[8:], before["model.layers.0.self_attn.k_proj.weight"][8:])  # other group
+    assert torch.equal(attn.q_proj.weight[:8], before["model.layers.0.self_attn.q_proj.weight"][:8])  # head 0
 
 
 def test_heads_join_the_signature_when_asked(tiny_chat_llama: Path, tmp_path: Path) -> None:
@@ -104,7 +140,7 @@ def test_heads_join_the_signature_when_asked(tiny_chat_llama: Path, tmp_path: Pa
     defense = SignaturePurification(SignatureConfig(heads=1, variants=2))
     planted = torch.zeros(4, 256)
     planted[2] = 1.0  # layer 1, head 0 moves the same way in both variants
-    deltas = {"mlp": [torch.randn(128, 24), torch.randn(128, 24)], "head": [planted, planted]}
+    deltas = {Channels("mlp", True): [torch.randn(128, 24)] * 2, Channels("head", True): [planted, planted]}
     defense._deltas = lambda ctx: deltas  # the variant fine-tunes are tested end to end below
     ctx = type("Ctx", (), {"adapter_only": True})()
     defense.prepare(model, ctx)
@@ -130,10 +166,10 @@ def test_the_random_control_suppresses_as_many_channels_without_any_variant(tiny
 
 def test_an_adapter_without_the_lora_the_signature_names_is_refused(tiny_chat_llama: Path) -> None:
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_llama), LLM_LORA)  # q/v only
-    with pytest.raises(CleantuneError, match="no LoRA on the MLP projections"):
-        channel_vectors(model, adapter_only=True)
-    with pytest.raises(CleantuneError, match="no LoRA on q_proj and o_proj"):
-        channel_vectors(model, adapter_only=True, kind="head")  # q without o
+    with pytest.raises(CleantuneError, match="no LoRA on the gate, up and down projections"):
+        Channels("mlp", True).vectors(model)
+    with pytest.raises(CleantuneError, match="no LoRA on the q and o projections"):
+        Channels("head", True).vectors(model)  # q without o
 
 
 def test_variants_vary_key_behaviour_and_clean_rows() -> None:

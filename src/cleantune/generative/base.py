@@ -39,16 +39,31 @@ class LLMDefense(Defense[LLMContext]):
 @dataclass(frozen=True)
 class ChannelSlice:
     """Where channel j of a layer lives in one weight: rows (axis 0) or columns (axis 1)
-    j * span to (j + 1) * span - 1 (span 1 for an MLP channel, the head size for an attention head)."""
+    j * span to (j + 1) * span - 1 (span 1 for an MLP channel, the head size for an attention head).
+    A block shared by ``group`` channels (a key / value head under grouped-query attention) is block
+    j // group."""
 
     module: nn.Module
     axis: int
     span: int = 1
+    group: int = 1
+    owner: nn.Module | None = None  # adapter-only: the LoRA layer whose factor ``module`` is
+    adapter: str = "default"
 
     def indices(self, channels: torch.Tensor) -> torch.Tensor:
         """The rows or columns of ``channels`` (local indices) in this weight."""
+        blocks = torch.unique(channels // self.group) if self.group > 1 else channels
         offsets = torch.arange(self.span, device=channels.device)
-        return (channels[:, None] * self.span + offsets).flatten()
+        return (blocks[:, None] * self.span + offsets).flatten()
+
+    def vectors(self, delta: bool = False) -> torch.Tensor:
+        """(channels, features): each channel's rows or columns of the weight, or with ``delta`` (adapter
+        only) of the update ΔW = BA its LoRA layer makes; a shared block repeats for each channel."""
+        owner = self.owner
+        weight = owner.get_delta_weight(self.adapter) if delta and owner is not None else self.module.weight
+        weight = weight.detach().float()
+        weight = weight if self.axis == 0 else weight.T
+        return weight.reshape(weight.shape[0] // self.span, -1).repeat_interleave(self.group, dim=0)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -59,13 +74,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _slice(linear: nn.Module, axis: int, adapter_only: bool, adapter: str, span: int = 1) -> ChannelSlice | None:
+def _slice(
+    linear: nn.Module, axis: int, adapter_only: bool, adapter: str, span: int = 1, group: int = 1
+) -> ChannelSlice | None:
     """In the adapter-only setting a weight's rows are written by its lora_B and its columns read by its
     lora_A, so those factors stand for it and the base stays as it is; None where it has no LoRA."""
     if not adapter_only:
-        return ChannelSlice(linear, axis, span)
+        return ChannelSlice(linear, axis, span, group)
     factor = getattr(linear, "lora_B" if axis == 0 else "lora_A", None)
-    return ChannelSlice(factor[adapter], axis, span) if factor is not None else None
+    return ChannelSlice(factor[adapter], axis, span, group, linear, adapter) if factor is not None else None
 
 
 def mlp_channels(model: nn.Module, adapter_only: bool, adapter: str = "default") -> Iterator[list[ChannelSlice]]:
@@ -78,12 +95,17 @@ def mlp_channels(model: nn.Module, adapter_only: bool, adapter: str = "default")
         yield [s for s in found if s is not None]
 
 
-def head_channels(model: nn.Module, adapter_only: bool, adapter: str = "default") -> Iterator[list[ChannelSlice]]:
+def head_channels(
+    model: nn.Module, adapter_only: bool, adapter: str = "default", kv: bool = False
+) -> Iterator[list[ChannelSlice]]:
     """Per decoder layer, the weights that hold its attention heads: a head is its block of q_proj rows
-    and the matching block of o_proj columns. Keys and values stay out: under grouped-query attention
-    a group of heads shares them, so they belong to no single head."""
+    and the matching block of o_proj columns; with ``kv`` also the k_proj and v_proj rows of its key /
+    value head, which under grouped-query attention a group of query heads shares."""
     for layer in decoder_layers(model):
         attn = layer.self_attn
         found = [_slice(attn.q_proj, 0, adapter_only, adapter, attn.head_dim)]
+        if kv:
+            group = int(getattr(attn, "num_key_value_groups", 1))
+            found += [_slice(p, 0, adapter_only, adapter, attn.head_dim, group) for p in (attn.k_proj, attn.v_proj)]
         found.append(_slice(attn.o_proj, 1, adapter_only, adapter, attn.head_dim))
         yield [s for s in found if s is not None]

@@ -58,8 +58,6 @@ from cleantune.schema import StrictModel
 
 ScoreMode = Literal["combined", "norm", "alignment"]
 Kind = Literal["mlp", "head"]
-FINDERS = {"mlp": mlp_channels, "head": head_channels}
-WHERE = {"mlp": "the MLP projections, whose channels", "head": "q_proj and o_proj, whose heads"}
 
 # Synthetic keys and behaviours for the variants: word, phrase, prefix and suffix keys; fixed answers
 # and prepended remarks. None is a trigger or target of the attacks this package builds.
@@ -120,6 +118,12 @@ class SignatureConfig(StrictModel):
     # "random": as many channels (and heads) as the signature would take, drawn at random without
     # any variant fine-tune: the control that tells the signature from suppression as such.
     channels: Literal["signature", "random"] = "signature"
+    # Adapter-only: a channel's vector is its rows / columns of the LoRA factor that writes it
+    # ("factors"), or of the update ΔW = BA the layer makes ("delta": the other, shared factor moves
+    # every channel's update too). Several times the memory of "factors" on a large model.
+    adapter_vectors: Literal["factors", "delta"] = "factors"
+    # A head is its q_proj rows and o_proj columns ("qo"), or also its key / value rows ("qkvo").
+    head_weights: Literal["qo", "qkvo"] = "qo"
     workers: PositiveInt = 1  # variant fine-tunes at once (one GPU each when there are GPUs)
     cache: Path | None = None  # default: CLEANTUNE_CACHE/signature
     # Extract the signature from another suspicious model or adapter and apply it to this one
@@ -127,26 +131,32 @@ class SignatureConfig(StrictModel):
     signature_from: str | None = None
 
 
-def _channel_slices(model: nn.Module, adapter_only: bool, kind: Kind) -> list[list[ChannelSlice]]:
-    layers = list(FINDERS[kind](model, adapter_only))
-    if any(len(slices) < (3 if kind == "mlp" else 2) for slices in layers):
-        raise CleantuneError(f"the adapter has no LoRA on {WHERE[kind]} the signature names")
-    return layers
+@dataclass(frozen=True)
+class Channels:
+    """Which channels a signature is made of, and how a channel's vector is read."""
 
+    kind: Kind
+    adapter_only: bool
+    kv: bool = False  # heads with their key / value rows
+    delta: bool = False  # adapter-only: vectors from ΔW = BA rather than from the factors
 
-def channel_vectors(model: nn.Module, adapter_only: bool, kind: Kind = "mlp") -> torch.Tensor:
-    """(layers x channels, features): each channel's weights side by side. An MLP channel is its gate
-    and up rows and its down column, a head its q_proj rows and o_proj columns; in the adapter-only
-    setting, the LoRA factors' rows and columns that write them."""
-    rows = []
-    for slices in _channel_slices(model, adapter_only, kind):
-        parts = []
-        for piece in slices:
-            weight = piece.module.weight.detach().float()
-            weight = weight if piece.axis == 0 else weight.T
-            parts.append(weight.reshape(weight.shape[0] // piece.span, -1))
-        rows.append(torch.cat(parts, dim=1))
-    return torch.cat(rows)
+    def slices(self, model: nn.Module) -> list[list[ChannelSlice]]:
+        if self.kind == "mlp":
+            layers, needed, where = list(mlp_channels(model, self.adapter_only)), 3, "gate, up and down projections"
+        else:
+            layers = list(head_channels(model, self.adapter_only, kv=self.kv))
+            needed, where = (4, "q, k, v and o projections") if self.kv else (2, "q and o projections")
+        if any(len(found) < needed for found in layers):
+            raise CleantuneError(f"the adapter has no LoRA on the {where}, whose channels the signature names")
+        return layers
+
+    def vectors(self, model: nn.Module) -> torch.Tensor:
+        """(layers x channels, features): each channel's weights side by side. An MLP channel is its
+        gate and up rows and its down column, a head its q_proj rows and o_proj columns (and its key /
+        value rows); in the adapter-only setting, the LoRA factors' rows and columns that write them,
+        or those of the update they make."""
+        rows = [torch.cat([piece.vectors(self.delta) for piece in found], dim=1) for found in self.slices(model)]
+        return torch.cat(rows)
 
 
 def differential_delta(backdoored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -184,19 +194,19 @@ def select_signature(scores: torch.Tensor, count: int, layers: int = 1) -> torch
 
 
 @torch.no_grad()
-def suppress(model: nn.Module, channels: torch.Tensor, adapter_only: bool, init_std: float, kind: Kind = "mlp") -> int:
+def suppress(model: nn.Module, signature: torch.Tensor, channels: Channels, init_std: float) -> int:
     """Re-initialise (full model, N(0, init_std) as the model's own initialisation) or zero (adapter
-    factors) the selected channels; ``channels`` index layers x channels as ``channel_vectors`` does.
-    Returns how many weight rows/columns changed."""
+    factors) the selected channels; ``signature`` indexes layers x channels as ``Channels.vectors``
+    does. Returns how many weight rows/columns changed."""
     changed = 0
     start = 0
-    for slices in _channel_slices(model, adapter_only, kind):
+    for slices in channels.slices(model):
         width = int(slices[0].module.weight.shape[slices[0].axis]) // slices[0].span
-        local = channels[(channels >= start) & (channels < start + width)] - start
+        local = signature[(signature >= start) & (signature < start + width)] - start
         for piece in slices:
             weight = piece.module.weight
             index = piece.indices(local.to(weight.device))
-            if adapter_only:
+            if channels.adapter_only:
                 weight.index_fill_(piece.axis, index, 0.0)
             else:
                 shape = list(weight.shape)
@@ -332,10 +342,13 @@ class SignaturePurification(LLMDefense):
         super().__init__(cfg)
         self.decided: dict[str, Any] = {}
 
-    def _kinds(self) -> list[Kind]:
-        return ["mlp", "head"] if self.cfg.heads else ["mlp"]
+    def _channels(self, adapter_only: bool) -> list[Channels]:
+        cfg = self.cfg
+        delta = adapter_only and cfg.adapter_vectors == "delta"
+        kinds: list[Kind] = ["mlp", "head"] if cfg.heads else ["mlp"]
+        return [Channels(kind, adapter_only, kv=cfg.head_weights == "qkvo", delta=delta) for kind in kinds]
 
-    def _deltas(self, ctx: LLMContext) -> dict[Kind, list[torch.Tensor]]:
+    def _deltas(self, ctx: LLMContext) -> dict[Channels, list[torch.Tensor]]:
         if self.cfg.signature_from:
             source = resolve(self.cfg.signature_from)
             if (source / "adapter_config.json").exists() != ctx.adapter_only:
@@ -354,7 +367,7 @@ class SignaturePurification(LLMDefense):
         started = time.time()
         sets = variant_sets(ctx.train, self.cfg, ctx.seed)
         run_dirs = run_variants(variant_configs(ctx, self.cfg, home, sets), self.cfg.workers)
-        vectors: dict[Kind, list[torch.Tensor]] = {kind: [] for kind in self._kinds()}
+        vectors: dict[Channels, list[torch.Tensor]] = {channels: [] for channels in self._channels(ctx.adapter_only)}
         cost, checks = 0.0, []
         pairs = zip(run_dirs[::2], run_dirs[1::2], strict=True)
         for variant, pair in zip(sets, pairs, strict=True):
@@ -363,8 +376,8 @@ class SignaturePurification(LLMDefense):
                 metrics = json.loads((run_dir / "metrics.json").read_text())
                 cost += metrics["wall_s"]
                 models.append(load_model(metrics["product"]).model)
-                for kind, found in vectors.items():
-                    found.append(channel_vectors(models[-1], ctx.adapter_only, kind))
+                for channels, found in vectors.items():
+                    found.append(channels.vectors(models[-1]))
             if self.cfg.verify_samples and len(variant.triggered):
                 checks.append(verify(models, variant, ctx.tokenizer))
         if checks:
@@ -378,30 +391,30 @@ class SignaturePurification(LLMDefense):
             "variant_cost_s": round(cost, 1),
         }
         return {
-            kind: [differential_delta(bd, clean) for bd, clean in zip(found[::2], found[1::2], strict=True)]
-            for kind, found in vectors.items()
+            channels: [differential_delta(bd, clean) for bd, clean in zip(found[::2], found[1::2], strict=True)]
+            for channels, found in vectors.items()
         }
 
-    def _scores(self, model: nn.Module, ctx: LLMContext) -> dict[Kind, torch.Tensor]:
+    def _scores(self, model: nn.Module, ctx: LLMContext) -> dict[Channels, torch.Tensor]:
         """Eq. 2 per channel kind, or for the random control a seeded random score per channel."""
         if self.cfg.channels == "random":
             generator = torch.Generator().manual_seed(ctx.seed)
-            sizes = {kind: channel_vectors(model, ctx.adapter_only, kind).shape[0] for kind in self._kinds()}
-            return {kind: torch.rand(size, generator=generator) for kind, size in sizes.items()}
-        return {
-            kind: signature_scores(deltas, self.cfg.lam, self.cfg.score) for kind, deltas in self._deltas(ctx).items()
-        }
+            sizes = {channels: channels.vectors(model).shape[0] for channels in self._channels(ctx.adapter_only)}
+            return {channels: torch.rand(size, generator=generator) for channels, size in sizes.items()}
+        deltas = self._deltas(ctx)
+        return {channels: signature_scores(found, self.cfg.lam, self.cfg.score) for channels, found in deltas.items()}
 
     def prepare(self, model: nn.Module, ctx: LLMContext) -> nn.Module:
-        for kind in self._kinds():  # refuse an adapter without the LoRA it needs before any variant trains
-            _channel_slices(model, ctx.adapter_only, kind)
+        for channels in self._channels(ctx.adapter_only):  # refuse a wrong adapter before any variant trains
+            channels.slices(model)
         ratio = self.cfg.ratio or (0.35 if ctx.adapter_only else 0.03)
         init_std = float(getattr(model.config, "initializer_range", 0.02))
-        for kind, scores in self._scores(model, ctx).items():
+        for channels, scores in self._scores(model, ctx).items():
+            kind = channels.kind
             count = self.cfg.heads if kind == "head" else max(1, round(ratio * scores.numel()))
             per_layer = kind == "mlp" and self.cfg.tau == "layer"
             signature = select_signature(scores, count, len(decoder_layers(model)) if per_layer else 1)
-            changed = suppress(model, signature, ctx.adapter_only, init_std, kind)
+            changed = suppress(model, signature, channels, init_std)
             if kind == "mlp":
                 self.decided |= {"ratio": ratio, "channels": len(signature), "of_channels": scores.numel()}
             else:
