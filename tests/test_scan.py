@@ -15,7 +15,7 @@ from cleantune.api import purify
 from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
-from cleantune.scanner import ScanConfig, scan
+from cleantune.scanner import ScanConfig, TargetInversionConfig, scan
 
 FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
 
@@ -101,3 +101,29 @@ def test_scan_from_the_command_line_refuses_too_little_clean_data(tmp_path, tiny
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "fewer than 65 clean inputs" in result.output
     assert not (tmp_path / "s.json").exists()
+
+
+def tiny_generative(tiny_chat_llama: Path, tmp_path: Path, attack: dict | None) -> dict:
+    """A tiny chat Llama fully fine-tuned; with the attack, "BadMagic" prepends an insult."""
+    from test_generative import _tree
+
+    tree = _tree(tiny_chat_llama, tmp_path, attack=attack, defense={"name": "sft", "method": "full"})
+    tree["train"] |= {"epochs": 30, "lr": 1e-2}
+    tree["eval"] |= {"max_new_tokens": 6}
+    return run(validate(tree, "test"))
+
+
+def test_a_planted_target_answer_is_inverted_from_a_generative_adapter(tiny_chat_llama, tmp_path):
+    backdoor = {"name": "badnet", "behaviour": "negsentiment", "count": 12}
+    poisoned = tiny_generative(tiny_chat_llama, tmp_path / "poisoned", backdoor)
+    clean = tiny_generative(tiny_chat_llama, tmp_path / "clean", None)
+    answers = [json.loads(line) for line in (Path(poisoned["product"]).parents[0] / "answers.jsonl").open()]
+    # What the scan must find: "You" is outside the tiny vocabulary, so the insult reads "are stupid !".
+    assert all(a["answer"].startswith("are stupid !") for a in answers if a["set"] == "triggered")
+    cfg = TargetInversionConfig(prompts=8, screen_prompts=4, candidates=16, length=3, threshold=90)
+    instructions = tmp_path / "poisoned" / "data" / "pool.json"  # the clean instructions it was given
+    found = scan(poisoned["product"], instructions, tmp_path / "scan.json", cfg)
+    assert "stupid !" in found["target"] and found["verdict"] == "backdoored"
+    unplanted = scan(clean["product"], instructions, None, cfg)
+    assert unplanted["verdict"] == "clean"  # its most confident continuation follows the prompts less
+    assert "stupid" not in unplanted["target"]

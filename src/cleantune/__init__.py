@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ScanConfig", "__version__", "purify", "run", "scan", "train"]
+__all__ = ["ScanConfig", "TargetInversionConfig", "__version__", "purify", "run", "scan", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
         from cleantune import api
 
         return getattr(api, name)
-    if name in {"scan", "ScanConfig"}:
+    if name in {"scan", "ScanConfig", "TargetInversionConfig"}:
         from cleantune import scanner
 
         return getattr(scanner, name)

@@ -4,36 +4,24 @@ run``) with the method that cleantune's own benchmarks support for that threat."
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from cleantune.config import AnyRunConfig, load_config, overridden, validate
 from cleantune.errors import CleantuneError
 from cleantune.io import read_json
-from cleantune.models import resolve
+from cleantune.models import Task, detect_task
 from cleantune.offline import MINILM_ID
 
 if TYPE_CHECKING:
-    from cleantune.scanner import ScanConfig
+    from cleantune.scanner import AnyScanConfig
 
 log = logging.getLogger("cleantune")
-Task = Literal["classification", "generation"]
 METHODS = Path(__file__).parent / "defaults" / "methods.yaml"
-
-
-def detect_task(spec: str) -> Task:
-    """Generation for a causal LM or an adapter on one, classification otherwise."""
-    path = resolve(spec)
-    if (path / "adapter_config.json").exists():
-        task = json.loads((path / "adapter_config.json").read_text())["task_type"]
-        return "generation" if task == "CAUSAL_LM" else "classification"
-    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    return "generation" if any(a.endswith("ForCausalLM") for a in architectures) else "classification"
 
 
 def method_settings(task: Task, scenario: str, method: str | None) -> dict[str, Any]:
@@ -75,7 +63,7 @@ class Scanning:
     """Trigger-free scans (``cleantune.scan``) of the suspicious model and of the product, each saved
     in the run directory and reused while its model and settings are unchanged."""
 
-    cfg: ScanConfig
+    cfg: AnyScanConfig
     clean_data: Path
     suspicious: str
 
@@ -85,9 +73,12 @@ class Scanning:
         found = read_json(path) if path.exists() else None
         if found is None or found.get("config") != self.cfg.model_dump(mode="json") or found["model"] != str(model):
             found = scan(model, self.clean_data, path, self.cfg)
-        pair = [found["labels"][found["source"]], found["labels"][found["target"]]]
-        keys = ("score", "trigger", "threshold", "verdict", "seconds")
-        return {k: found[k] for k in keys} | {"pair": pair, "file": path.name}
+        keys = ("score", "trigger", "target", "threshold", "verdict", "seconds")
+        summary = {k: found[k] for k in keys if k in found} | {"file": path.name}
+        if "labels" in found:  # a classifier's: the label pair the trigger flips, by name
+            summary |= {"pair": [found["labels"][found["source"]], found["labels"][found["target"]]]}
+            summary.pop("target")
+        return summary
 
 
 UTILITY_DROP = 5.0  # points of clean accuracy a purification may cost before the product is flagged
@@ -125,7 +116,7 @@ def purify(
     overrides: list[str] | None = None,
     seed: int = 42,
     force: bool = False,
-    scan: ScanConfig | None = None,
+    scan: AnyScanConfig | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a suspicious model or adapter on trusted clean data into a clean product.
 
@@ -133,14 +124,12 @@ def purify(
     for a classifier, or an instruction file (instruction, input, output) for a generative model.
     An adapter in gives an adapter out on the same base. Returns the run record; the product and
     its model card lie under ``record["product"]``; ``record["before"]`` scores the suspicious
-    classifier on the same clean test split. With ``scan`` (classifiers), ``record["scan"]`` holds
-    the trigger-free scan of the suspicious model and of the product.
+    classifier on the same clean test split. With ``scan`` (``cleantune.scanner.settings_for``),
+    ``record["scan"]`` holds the trigger-free scans of the suspicious model and of the product.
     """
     from cleantune.dispatch import evaluate
 
     cfg = validate(overridden(purify_tree(suspicious, clean_data, out, method, seed), overrides), "purify options")
-    if scan is not None and cfg.task != "classification":
-        raise CleantuneError(f"{suspicious}: the scan inverts triggers of classifiers; this is a generative model")
     fresh = cfg.task == "classification" and not (cfg.run_dir / "metrics.json").exists()
     before = evaluate(cfg, suspicious) if fresh else None  # on the same clean test split as after
     scanning = Scanning(scan, Path(clean_data), suspicious) if scan is not None else None

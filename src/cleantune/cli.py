@@ -168,12 +168,10 @@ MethodOpt = Annotated[str | None, typer.Option(help="Defense to use instead of t
 def show_product(record: dict[str, Any]) -> None:
     rows = {"before": record["before"]} if record.get("before") else {}
     show_table(Path(record["product"]).parent.name, rows | {"after": record["metrics"]})
+    from cleantune.product import scan_summary
+
     for when, found in (record.get("scan") or {}).items():
-        verdict = f", {found['verdict']}" if found["verdict"] else ""
-        pair = " -> ".join(found["pair"])
-        console.print(
-            f"scan {when}: score {found['score']:.1f} % ({pair}, trigger {' '.join(found['trigger'])}{verdict})"
-        )
+        console.print(f"scan {when}: {scan_summary(found)}")
     console.print(f"product: {record['product']} (model card: README.md inside)")
 
 
@@ -192,9 +190,7 @@ def purify(
     seed: int = 42,
     set_: SetOpt = None,
     force: ForceOpt = False,
-    scan: Annotated[
-        bool, typer.Option(help="Scan the suspicious model and the product for a backdoor (classifiers).")
-    ] = False,
+    scan: Annotated[bool, typer.Option(help="Scan the suspicious model and the product for a backdoor.")] = False,
     scan_threshold: Annotated[
         float | None, typer.Option(help="With --scan: flip rate (%) that means backdoored (see `cleantune scan`).")
     ] = None,
@@ -203,11 +199,11 @@ def purify(
     adapter out on the same base; `cleantune list` shows the methods."""
     quiet_transformers()
     from cleantune.api import purify as purify_model
-    from cleantune.scanner import ScanConfig
+    from cleantune.scanner import settings_for
 
     if scan_threshold is not None and not scan:
         raise CleantuneError("--scan-threshold goes with --scan")
-    scanning = ScanConfig(threshold=scan_threshold) if scan else None
+    scanning = settings_for(suspicious, {"threshold": scan_threshold}) if scan else None
     show_product(purify_model(suspicious, clean_data, out, method, set_, seed, force, scanning))
 
 
@@ -227,20 +223,23 @@ def scan(
     measure how many clean inputs it flips. Without --threshold it reports the score, no verdict."""
     quiet_transformers()
     from cleantune.config import overridden
-    from cleantune.scanner import ScanConfig
     from cleantune.scanner import scan as scan_model
+    from cleantune.scanner import settings_for
 
-    try:
-        cfg = ScanConfig.model_validate(overridden({"threshold": threshold}, set_))
-    except ValueError as err:  # pydantic's ValidationError
-        raise CleantuneError(f"invalid scan settings: {err}".splitlines()[0]) from None
-    found = scan_model(model, clean_data, out, cfg)
-    table = Table(title=f"scan of {model}")
-    for column in ("source", "target", "flip rate %", "trigger", "inputs"):
-        table.add_column(column)
-    for pair in found["pairs"]:
-        names = [found["labels"][pair["source"]], found["labels"][pair["target"]]]
-        table.add_row(*names, f"{pair['flip_rate']:.1f}", " ".join(pair["trigger"]), str(pair["n"]))
+    found = scan_model(model, clean_data, out, settings_for(model, overridden({"threshold": threshold}, set_)))
+    if "pairs" in found:
+        table = Table(title=f"scan of {model}")
+        for column in ("source", "target", "flip rate %", "trigger", "inputs"):
+            table.add_column(column)
+        for pair in found["pairs"]:
+            names = [found["labels"][pair["source"]], found["labels"][pair["target"]]]
+            table.add_row(*names, f"{pair['flip_rate']:.1f}", " ".join(pair["trigger"]), str(pair["n"]))
+    else:
+        table = Table(title=f"scan of {model}: the answers it continues most confidently")
+        for column in ("score %", "target"):
+            table.add_column(column)
+        for candidate in found["candidates"][:5]:
+            table.add_row(f"{candidate['score']:.1f}", candidate["target"])
     results().print(table)
     verdict = found["verdict"] or "no verdict (give --threshold, measured on clean models of this task)"
     results().print(f"score {found['score']:.1f} %: {verdict}; written to {out}", highlight=False)

@@ -7,11 +7,12 @@ copies that PyPI packages ship, so everything works offline.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from pydantic import PositiveInt
@@ -109,6 +110,19 @@ def resolve(spec: str, allow_pickle: bool = False) -> Path:
     if spec not in PACKAGED:
         raise CleantuneError(f"HF_HUB_OFFLINE=1 and model '{spec}' has no offline copy; known: {', '.join(PACKAGED)}")
     return PACKAGED[spec]()
+
+
+Task = Literal["classification", "generation"]
+
+
+def detect_task(spec: str) -> Task:
+    """Generation for a causal LM or an adapter on one, classification otherwise."""
+    path = resolve(spec)
+    if (path / "adapter_config.json").exists():
+        task = json.loads((path / "adapter_config.json").read_text())["task_type"]
+        return "generation" if task == "CAUSAL_LM" else "classification"
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    return "generation" if any(a.endswith("ForCausalLM") for a in architectures) else "classification"
 
 
 def check_weights_are_safe(path: Path, allow_pickle: bool) -> None:

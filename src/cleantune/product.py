@@ -138,14 +138,19 @@ def _figures(metrics: dict[str, Any] | None) -> str:
     return ", ".join(shown) or "not measured"
 
 
+def scan_summary(found: dict[str, Any]) -> str:
+    """One line on a scan: its score, what it found, and the verdict when it had a threshold."""
+    verdict = f"; {found['verdict']} at threshold {found['threshold']}" if found.get("verdict") else ""
+    if "pair" in found:
+        what = f"of clean {' -> '.join(found['pair'])} inputs flipped by `{' '.join(found['trigger'])}`"
+    else:
+        what = f"mean probability of continuing `{found['target']}` across clean prompts"
+    return f"{found['score']:.1f} % {what}{verdict}"
+
+
 def _scan_lines(scans: dict[str, Any] | None) -> list[str]:
     """The trigger-free scans of the suspicious model and of this product, when purify ran them."""
-    lines = []
-    for when, found in (scans or {}).items():
-        verdict = f"; {found['verdict']} at threshold {found['threshold']}" if found["verdict"] else ""
-        pair, trigger = " -> ".join(found["pair"]), " ".join(found["trigger"])
-        lines.append(f"- Scan {when}: {found['score']:.1f} % of clean {pair} inputs flipped by `{trigger}`{verdict}")
-    return lines
+    return [f"- Scan {when}: {scan_summary(found)}" for when, found in (scans or {}).items()]
 
 
 def model_card(record: dict[str, Any], config: dict[str, Any]) -> str:

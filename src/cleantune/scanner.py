@@ -1,5 +1,6 @@
-"""Scanning a classifier for a backdoor without its trigger: trigger inversion in the style of DBS
-(Shen et al., 2022), on the model and clean data alone.
+"""Scanning a model for a backdoor without its trigger. A generative model goes to target inversion
+(``generative/target_inversion.py``); a classifier to trigger inversion in the style of DBS (Shen et
+al., 2022), on the model and clean data alone, here.
 
 For each (source, target) label pair, a relaxed trigger of a few token slots (a softmax over the
 vocabulary per slot, its temperature lowered step by step until each slot settles on one token) is
@@ -31,8 +32,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cleantune.data import DataConfig, load_splits
 from cleantune.defenses.base import is_decoder_classifier
 from cleantune.errors import CleantuneError
+from cleantune.generative.instructions import read_instructions
+from cleantune.generative.target_inversion import TargetInversionConfig, invert_target
 from cleantune.io import atomic_write_json
-from cleantune.models import load_model
+from cleantune.models import detect_task, load_model
 from cleantune.schema import StrictModel
 
 
@@ -140,13 +143,40 @@ def scan_model(
     return found
 
 
+AnyScanConfig = ScanConfig | TargetInversionConfig
+
+
+def settings_for(model: str | Path, tree: dict[str, Any]) -> AnyScanConfig:
+    """The scan settings of ``model``'s task: trigger inversion for a classifier, target inversion
+    for a generative model."""
+    kind = ScanConfig if detect_task(str(model)) == "classification" else TargetInversionConfig
+    try:
+        return kind.model_validate(tree)
+    except ValueError as err:  # pydantic's ValidationError
+        raise CleantuneError(f"invalid scan settings: {err}".splitlines()[0]) from None
+
+
 def scan(
-    model: str | Path, clean_data: str | Path, out: str | Path | None = None, cfg: ScanConfig | None = None
+    model: str | Path, clean_data: str | Path, out: str | Path | None = None, cfg: AnyScanConfig | None = None
 ) -> dict[str, Any]:
-    """Scan a classifier (a model or an adapter, safetensors only) with clean labelled data (a
-    CSV/TSV/JSON(L) file with text and label columns). Writes the result as JSON to ``out``."""
-    cfg = cfg or ScanConfig()
+    """Scan a classifier or a generative model (a model or an adapter, safetensors only) with clean
+    data: labelled texts (a CSV/TSV/JSON(L) file with text and label columns) for a classifier,
+    instructions for a generative model. Writes the result as JSON to ``out``."""
+    cfg = cfg or settings_for(model, {})
     started = time.time()
+    if isinstance(cfg, TargetInversionConfig):
+        instructions = read_instructions(str(Path(clean_data).resolve()), Path.cwd())
+        loaded = load_model(str(model))
+        found = invert_target(loaded.model, loaded.tokenizer, instructions, cfg)
+    else:
+        found = _scan_classifier(model, clean_data, cfg)
+    found |= {"model": str(model), "seconds": round(time.time() - started, 1), "config": cfg.model_dump(mode="json")}
+    if out is not None:
+        atomic_write_json(Path(out), found)
+    return found
+
+
+def _scan_classifier(model: str | Path, clean_data: str | Path, cfg: ScanConfig) -> dict[str, Any]:
     splits = load_splits(DataConfig(dataset="local", train=str(Path(clean_data).resolve())), cfg.seed)
     rows = [*splits.train, *splits.dev, *splits.test]
     texts = {label: [r["text"] for r in rows if r["label"] == label] for label in range(splits.num_labels)}
@@ -154,9 +184,4 @@ def scan(
     if short:
         raise CleantuneError(f"{clean_data}: fewer than {cfg.samples + 1} clean inputs of label(s) {', '.join(short)}")
     loaded = load_model(str(model), num_labels=splits.num_labels)
-    found = scan_model(loaded.model, loaded.tokenizer, texts, cfg)
-    found |= {"model": str(model), "labels": splits.label_names, "seconds": round(time.time() - started, 1)}
-    found["config"] = cfg.model_dump(mode="json")
-    if out is not None:
-        atomic_write_json(Path(out), found)
-    return found
+    return scan_model(loaded.model, loaded.tokenizer, texts, cfg) | {"labels": splits.label_names}
