@@ -132,6 +132,21 @@ def test_a_tensor_without_clean_gradient_is_zeroed_or_kept_raw(tiny_bert, data_d
     assert torch.equal(params[chosen].grad, expected)
 
 
+def test_a_step_whose_gradient_reaches_no_weight_is_counted_dead(tiny_bert, data_dir):
+    loaded = load_model(str(tiny_bert), num_labels=2)
+    defense = MuScleLoRA(MuScleLoRAConfig(clean_aux=8, aux_batch_size=4, clean_every=2))
+    model = defense.prepare(loaded.model, tiny_context(loaded.tokenizer, data_dir))
+    batch = loaded.tokenizer(["good film", "bad plot"], return_tensors="pt", padding=True)
+    model(**batch, labels=torch.tensor([1, 0])).loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    defense._clean_loss, defense._clean_grads = 1.0, [torch.randn_like(p) for p in params]
+    defense.edit_gradients(model, StepInfo(epoch=2.0, num_epochs=10, global_step=1, reduce_mean=lambda t: t))
+    for p in params:  # as behind a saturated tanh: nothing reaches any trained weight
+        p.grad.zero_()
+    defense.edit_gradients(model, StepInfo(epoch=2.0, num_epochs=10, global_step=3, reduce_mean=lambda t: t))
+    assert defense.info()["regime"]["dead_share"] == 0.5
+
+
 def test_clean_samples_never_appear_in_the_selection_dev_set(tiny_tree, monkeypatch):
     seen = record_contexts(monkeypatch, MuScleLoRAConfig)
     tree = {**tiny_tree, "defense": {"name": "muscle-lora", "clean_aux": 12, "aux_batch_size": 8}}
@@ -163,6 +178,7 @@ def test_gradient_alignment_edits_every_step(tiny_tree, monkeypatch):
     regime = record["defense_info"]["regime"]
     assert regime["final_mu"] == 0.0 and 0.0 <= regime["gate_closed_share"] <= 1.0
     assert -1.0 <= regime["mean_cosine"] <= 1.0 and regime["mean_cosine"] != 0.0
+    assert regime["dead_share"] == 0.0  # gradients reached the weights at every step
 
 
 def test_clean_gradient_is_reused_between_recomputations(tiny_tree, monkeypatch):

@@ -101,17 +101,20 @@ class MuScleLoRAConfig(StrictModel):
 @dataclass
 class Regime:
     """Which regime a run trained in: how often the clean loss kept the gate closed (pure alignment),
-    how well the poisoned-batch gradient agreed with the clean one, and where μ ended."""
+    how well the poisoned-batch gradient agreed with the clean one, where μ ended, and how often no
+    gradient reached any trained weight (a saturated tanh after the multi-scale module: the run is dead)."""
 
     steps: int = 0
     gated: int = 0
     cosine_sum: torch.Tensor | float = 0.0
+    dead_sum: torch.Tensor | float = 0.0
     mu: float = 0.0
 
-    def record(self, gated: bool, cosine: torch.Tensor, mu: float) -> None:
+    def record(self, gated: bool, cosine: torch.Tensor, dead: torch.Tensor, mu: float) -> None:
         self.steps += 1
         self.gated += gated
         self.cosine_sum = self.cosine_sum + cosine.detach()
+        self.dead_sum = self.dead_sum + dead
         self.mu = mu
 
     def summary(self) -> dict[str, float]:
@@ -119,6 +122,7 @@ class Regime:
             "gate_closed_share": self.gated / self.steps,
             # per tensor, averaged over the tensors and the steps this process trained
             "mean_cosine": float(self.cosine_sum) / self.steps,
+            "dead_share": float(self.dead_sum) / self.steps,
             "final_mu": self.mu,
         }
 
@@ -317,10 +321,11 @@ class MuScleLoRA(Defense):
         gated = self._clean_loss > self.cfg.aux_loss_gate
         mu = 0.0 if gated else mu_at(step.epoch, step.num_epochs, self.cfg)
         raw = not gated and step.epoch < self.cfg.ga_start_epoch and self.cfg.open_gate_before_start == "raw"
-        cosines = []
+        cosines, largest = [], []
         with torch.no_grad():
             for p, g_clean in zip(params, self._clean_grads, strict=True):
                 cosines.append(F.cosine_similarity(p.grad.flatten(), g_clean.flatten(), dim=0))
+                largest.append(p.grad.abs().max())
                 if raw:
                     continue
                 edited = mix(align(p.grad, g_clean), p.grad, mu)
@@ -328,7 +333,8 @@ class MuScleLoRA(Defense):
                     edited = torch.where(g_clean.any(), edited, p.grad)
                 p.grad.copy_(edited)
         # Kept on the device: reading a value every step would stall a GPU.
-        self._regime.record(gated, torch.stack(cosines).mean(), mu)
+        dead = (torch.stack(largest).max() == 0).float()
+        self._regime.record(gated, torch.stack(cosines).mean(), dead, mu)
 
     def info(self) -> dict[str, Any]:
         return {"regime": self._regime.summary()} if self.cfg.ga and self._regime.steps else {}
