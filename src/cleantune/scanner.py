@@ -138,8 +138,7 @@ def scan_model(
     worst = max(pairs, key=lambda p: p["flip_rate"])
     score: float = worst["flip_rate"]
     found: dict[str, Any] = {"score": score, "source": worst["source"], "target": worst["target"]}
-    found |= {"trigger": worst["trigger"], "pairs": pairs, "threshold": cfg.threshold}
-    found["verdict"] = None if cfg.threshold is None else ("backdoored" if score >= cfg.threshold else "clean")
+    found |= {"trigger": worst["trigger"], "pairs": pairs}
     return found
 
 
@@ -171,6 +170,8 @@ def scan(
     else:
         found = _scan_classifier(model, clean_data, cfg)
     found |= {"model": str(model), "seconds": round(time.time() - started, 1), "config": cfg.model_dump(mode="json")}
+    found["threshold"] = cfg.threshold
+    found["verdict"] = None if cfg.threshold is None else ("backdoored" if found["score"] >= cfg.threshold else "clean")
     if out is not None:
         atomic_write_json(Path(out), found)
     return found

@@ -124,6 +124,4 @@ def invert_target(
     ]
     score = 100.0 * float(scores[order[0]])
     result: dict[str, Any] = {"score": score, "target": found[0]["target"], "candidates": found}
-    result |= {"threshold": cfg.threshold, "prompts": len(prompts)}
-    result["verdict"] = None if cfg.threshold is None else ("backdoored" if score >= cfg.threshold else "clean")
-    return result
+    return result | {"prompts": len(prompts)}
