@@ -84,8 +84,9 @@ for job in suite.get("poisoned_models", {}).values():
         job["config"]["eval_data"].update(max_dev=64, max_test=64)
     job["config"]["attack"]["count"] = 40
     job["config"].setdefault("train", {})["epochs"] = 1
+# Dev keeps 200 rows: defenses that draw clean auxiliary samples from it (MuScleLoRA's 96) need them.
 for fragment in suite["dataset"].values():
-    fragment.setdefault("data", {}).update(max_train=64, max_dev=64, max_test=64)
+    fragment.setdefault("data", {}).update(max_train=64, max_dev=200, max_test=64)
 first = suite["matrix"][0]
 suite["matrix"] = [{**first, "attack": first["attack"][:1], "defense": first["defense"][:2]}]
 yaml.safe_dump(suite, open("/tmp/smoke.yaml", "w"))
