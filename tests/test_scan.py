@@ -7,11 +7,17 @@ import json
 import random
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
 from typer.testing import CliRunner
 
 from cleantune.api import purify
+from cleantune.bench.report import write_report
+from cleantune.bench.runner import run_suite
+from cleantune.bench.scanning import clean_file, shipped_copy
+from cleantune.bench.suite import ScanSection, SuiteConfig
 from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
@@ -127,3 +133,67 @@ def test_a_planted_target_answer_is_inverted_from_a_generative_adapter(tiny_chat
     unplanted = scan(clean["product"], instructions, None, cfg)
     assert unplanted["verdict"] == "clean"  # its most confident continuation follows the prompts less
     assert "stupid" not in unplanted["target"]
+
+
+def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_population(
+    strong_data, tiny_bert, tmp_path
+):
+    settings = FAST.model_dump(mode="json", exclude={"threshold"})
+    suite = {
+        "suite": "population", "data_dir": str(strong_data),
+        **{f"{kind}_dir": str(tmp_path / kind) for kind in ("runs", "results", "reports")},
+        "base": {
+            "model": {"spec": str(tiny_bert), "max_length": 32},
+            "train": {"epochs": 20, "lr": 2e-3, "batch_size": 16},
+        },
+        "dataset": {"sst2": {"data": {"dataset": "sst2"}}},
+        "model": {"tiny": {}},
+        "attack": {
+            "clean": {"attack": {"name": "none"}},
+            "mn": {"attack": {"name": "badnet", "triggers": ["mn"], "setting": "dirty", "rate": 0.3,
+                              "target_label": 1}},
+        },
+        "defense": {"fft": {"defense": {"name": "fft"}}},
+        "scan": {"clean_file": str(strong_data / "clean.tsv"), "settings": settings, "population": True},
+    }  # fmt: skip
+    path = tmp_path / "population.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
+    table = pd.read_csv(tmp_path / "results" / "population.csv").set_index("attack")
+    assert table.loc["mn", "scan_score"] >= 90 and table.loc["clean", "scan_score"] < 80
+    assert table.loc["mn", "scan_trigger"] == "mn" and table.loc["mn", "scan_trigger_found"]
+    assert table.loc["mn", "scan_target_found"] and pd.isna(table.loc["clean", "scan_trigger_found"])
+    runs = tmp_path / "runs" / "population"
+    scanned = json.loads((runs / "sst2__tiny__mn__fft__s42" / "scan.json").read_text())
+    assert scanned["model"].endswith("scan-view") and not list(runs.glob("*/scan-view"))  # a copy, removed after
+    report = write_report(str(path))[0].read_text()
+    assert "- AUROC: 1.000" in report and "true-positive rate at ≤ 5 % false positives: 100.0 %" in report
+    stamp = (runs / "sst2__tiny__mn__fft__s42" / "scan.json").stat().st_mtime_ns
+    assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 2}
+    assert (runs / "sst2__tiny__mn__fft__s42" / "scan.json").stat().st_mtime_ns == stamp  # reused
+
+
+def test_the_suite_scanner_sees_only_what_a_downloaded_model_holds(tmp_path):
+    product = tmp_path / "model"
+    product.mkdir()
+    shipped = ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    for name in [*shipped, "poison_record.json", "README.md", "training_args.bin"]:
+        (product / name).write_text("{}")
+    view = shipped_copy(product, tmp_path / "view")
+    assert sorted(p.name for p in view.iterdir()) == sorted(shipped)
+
+
+def test_a_suite_writes_the_dev_split_as_the_scanners_clean_data_once_per_setting(tmp_path, data_dir):
+    suite = SuiteConfig.model_validate(
+        {"suite": "s", "data_dir": str(data_dir), "runs_dir": str(tmp_path), "dataset": {}, "model": {}, "attack": {},
+         "defense": {}, "scan": {"clean_data": {"dataset": "sst2"}}}
+    )  # fmt: skip
+    assert suite.scan is not None
+    path = clean_file(suite, suite.scan)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    dev = (data_dir / "sst2" / "dev.tsv").read_text().splitlines()[1:]
+    assert len(rows) == len(dev) and {r["label"] for r in rows} == {0, 1}
+    other = suite.scan.model_copy(update={"clean_data": {"dataset": "sst2", "max_dev": 8}})
+    assert clean_file(suite, other) != path and len(clean_file(suite, other).read_text().splitlines()) == 8
+    with pytest.raises(ValueError, match="exactly one of clean_data"):
+        ScanSection.model_validate({})

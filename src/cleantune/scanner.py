@@ -169,7 +169,8 @@ def scan(
         found = invert_target(loaded.model, loaded.tokenizer, instructions, cfg)
     else:
         found = _scan_classifier(model, clean_data, cfg)
-    found |= {"model": str(model), "seconds": round(time.time() - started, 1), "config": cfg.model_dump(mode="json")}
+    found |= {"model": str(model), "clean_data": str(clean_data), "seconds": round(time.time() - started, 1)}
+    found["config"] = cfg.model_dump(mode="json")
     found["threshold"] = cfg.threshold
     found["verdict"] = None if cfg.threshold is None else ("backdoored" if found["score"] >= cfg.threshold else "clean")
     if out is not None:

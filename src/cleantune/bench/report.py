@@ -13,9 +13,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from cleantune.bench.runner import results_path, runs_log_path  # noqa: E402
-from cleantune.bench.suite import BEFORE_DEFENSE, SuiteConfig, cells, load_suite, matches  # noqa: E402
+from cleantune.bench.suite import BEFORE_DEFENSE, ScanSection, SuiteConfig, cells, load_suite, matches  # noqa: E402
 from cleantune.errors import CleantuneError  # noqa: E402
 from cleantune.io import atomic_write_text, save_figure  # noqa: E402
 
@@ -265,6 +266,77 @@ def recorded_section(done: pd.DataFrame) -> list[str]:
     return ["## What the defenses recorded", "", intro, "", *per_cell_table(rows, {c: c[5:] for c in columns}), ""]
 
 
+def _yes_no(value: object) -> str:
+    return "–" if pd.isna(value) else ("yes" if value in (True, "True") else "no")
+
+
+def share(flags: pd.Series) -> str:
+    """'k of n' for the flags that apply (a paraphrase trigger has no words to recover)."""
+    known = flags.dropna().map(lambda v: v in (True, "True"))
+    return f"{int(known.sum())} of {len(known)}" if len(known) else "–"
+
+
+def population_lines(scan: ScanSection, scanned: pd.DataFrame) -> list[str]:
+    """How well the scan score separates the backdoored models (trained on poisoned data or
+    weight-poisoned) from the clean ones: AUROC, and the true-positive rate at the false-positive rate."""
+    truth = scanned.n_poisoned.fillna(0) > 0
+    if truth.nunique() < 2:
+        return ["The population needs clean and backdoored models before it can be measured.", ""]
+    fpr, tpr, thresholds = roc_curve(truth, scanned.scan_score)
+    allowed = fpr <= scan.fpr / 100
+    best = int(tpr[allowed].argmax())
+    took = scanned.asr.fillna(100) >= 90  # backdoors that took, and every clean model
+    effective = scanned[took | ~truth]
+    minutes = scanned.scan_s / 60
+    lines = [
+        f"- models: {int((~truth).sum())} clean, {int(truth.sum())} backdoored "
+        f"({int((took & truth).sum())} with ASR ≥ 90)",
+        f"- AUROC: {roc_auc_score(truth, scanned.scan_score):.3f}"
+        + (f" (backdoors with ASR ≥ 90 only: {roc_auc_score(effective.n_poisoned > 0, effective.scan_score):.3f})"
+           if (effective.n_poisoned > 0).nunique() == 2 else ""),
+        f"- true-positive rate at ≤ {scan.fpr:g} % false positives: {100 * tpr[allowed][best]:.1f} % "
+        f"(threshold: score ≥ {thresholds[allowed][best]:.1f})",
+        f"- planted trigger word among the inverted tokens: {share(scanned[truth].scan_trigger_found)}; "
+        f"target label right: {share(scanned[truth].scan_target_found)}",
+        f"- scan time per model: mean {minutes.mean():.1f} min, longest {minutes.max():.1f} min",
+        "",
+    ]  # fmt: skip
+    return lines
+
+
+def scan_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
+    """Each model's trigger-free scan against what was planted; for a population, how well it separates."""
+    if suite.scan is None or "scan_score" not in done:
+        return []
+    scanned = done[done.scan_score.notna()]
+    settings = ", ".join(f"{k} {v}" for k, v in suite.scan.settings.items()) or "defaults"
+    parts = [
+        "## Trigger-free scan",
+        "",
+        f"Each model scanned as a defender would (`cleantune scan`, settings: {settings}), from its shipped "
+        "files alone and clean data; what was planted is compared afterwards. A classifier's score is the "
+        "share (%) of clean inputs its inverted trigger flips.",
+        "",
+    ]
+    if suite.scan.population:
+        parts += population_lines(suite.scan, scanned)
+    parts += [
+        "| cell | poisoned rows | CACC | ASR | scan score | target found | inverted trigger | planted word found "
+        "| target right | scan s |",
+        "|---|---:|---:|---:|---:|---|---|---|---|---:|",
+    ]
+    for r in scanned.itertuples():
+        found = f"{_yes_no(r.scan_trigger_found)} | {_yes_no(r.scan_target_found)}"
+        parts.append(
+            f"| {r.cell} | {r.n_poisoned:.0f} | {r.cacc:.2f} | {cell_text(pd.Series([r.asr]))} | {r.scan_score:.1f} | "
+            f"{r.scan_target} | "
+            f"{str(r.scan_trigger).replace('|', '/')} | {found} | {r.scan_s:.0f} |"
+        )
+    failed = done[done.scan_error.notna()] if "scan_error" in done else done.iloc[:0]
+    parts += [""] + [f"- scan failed for {r.cell}: {r.scan_error}" for r in failed.itertuples()]
+    return parts + [""]
+
+
 def per_cell_table(rows: pd.DataFrame, headers: dict[str, str]) -> list[str]:
     lines = ["| cell | " + " | ".join(headers.values()) + " |", "|---|" + "---:|" * len(headers)]
     for row in rows.itertuples():
@@ -391,7 +463,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             "",
         ]
     parts += data_level_section(done) + loss_terms_section(done) + recorded_section(done)
-    parts += fourier_section(suite, done) + cost_section(suite)
+    parts += fourier_section(suite, done) + cost_section(suite) + scan_section(suite, done)
     failed = table[table.status == "failed"]
     if not failed.empty:
         parts += ["## Failed cells", "", "| cell | error |", "|---|---|"]

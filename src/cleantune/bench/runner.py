@@ -22,6 +22,7 @@ from typing import Any, cast
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cleantune.bench.scanning import run_scan, scan_columns
 from cleantune.bench.suite import Cell, SuiteConfig, cells, dump, load_suite
 from cleantune.config import RunConfig, made_differently
 from cleantune.io import atomic_write_text, read_json
@@ -160,16 +161,22 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
         for index, cell in enumerate(todo, 1):
             existing = cell.config.run_dir / "metrics.json"
             reason = conflict(cell)
+            record: dict[str, Any] | None = None
             if reason:
                 row, outcome = row_for(suite, cell, None, reason), "failed"
             elif existing.exists():
-                row, outcome = row_for(suite, cell, read_json(existing)), "skipped"
+                record = read_json(existing)
+                row, outcome = row_for(suite, cell, record), "skipped"
             else:
                 progress.update(current, description=f"{cell.id}: starting")
                 record = run_cell(suite, cell, progress, current)
                 log = cell.config.run_dir.parent / f"{cell.id}.log"
                 row = row_for(suite, cell, record, "" if record else last_error(log))
                 outcome = "done" if record else "failed"
+            if suite.scan is not None and record is not None and record.get("product"):
+                progress.update(current, description=f"{cell.id}: scanning")
+                found = run_scan(suite, suite.scan, cell, Path(record["product"]))
+                row |= {"scan_error": found} if isinstance(found, str) else scan_columns(cell.config, record, found)
             upsert(out, row)
             summary[outcome] += 1
             # A line per cell: the live bar does not show when the output is a file (nohup, CI).

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cleantune.config import AnyRunConfig, read_yaml, validate
 from cleantune.errors import CleantuneError
@@ -63,6 +63,28 @@ class PaperNumbers(StrictModel):
     rows: dict[str, dict[str, dict[str, float]]]
 
 
+class ScanSection(StrictModel):
+    """Scan each cell's model as a defender would (``cleantune scan``): without the trigger, from a
+    copy holding only what a downloaded model holds, with the clean data named here."""
+
+    # The clean data the scanner gets: a data set whose dev split is written out (classifiers), or a
+    # file used as it is (labelled texts for a classifier, instructions for a generative model).
+    clean_data: Fragment | None = None
+    clean_file: Path | None = None
+    settings: Fragment = Field(default_factory=dict)  # scan settings (``ScanConfig`` / ``TargetInversionConfig``)
+    # The cells are a population of clean and backdoored models (backdoored: trained on poisoned
+    # data, or weight-poisoned): the report gives AUROC and the true-positive rate at this
+    # false-positive rate (%).
+    population: bool = False
+    fpr: float = Field(5.0, gt=0, lt=100)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ScanSection:
+        if (self.clean_data is None) == (self.clean_file is None):
+            raise ValueError("give exactly one of clean_data (a data set) and clean_file")
+        return self
+
+
 class SuiteConfig(StrictModel):
     suite: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -89,6 +111,7 @@ class SuiteConfig(StrictModel):
     # A paper suite's report opens with these: its protocol, then the paper's numbers beside ours.
     protocol: list[ProtocolRow] = Field(default_factory=list)
     paper: PaperNumbers | None = None
+    scan: ScanSection | None = None
 
 
 @dataclass(frozen=True)

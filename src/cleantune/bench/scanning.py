@@ -1,0 +1,111 @@
+"""A suite's scans: each cell's model scanned as a defender would scan it, then compared with what was
+planted, on the evaluator's side.
+
+The scan runs in its own ``cleantune scan`` process (as a cell runs in its own ``cleantune run``), on a
+copy of the cell's product that holds only what a downloaded model holds: weights, config and
+tokenizer, not the run's records (a weight-poisoned model's ``poison_record.json`` names its trigger).
+The result is saved as ``scan.json`` in the run directory and reused while the model, the clean data
+and the scan settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cleantune.bench.suite import Cell, ScanSection, SuiteConfig
+from cleantune.config import AnyRunConfig
+from cleantune.data import DataConfig, load_splits
+from cleantune.io import atomic_write_text, read_json
+
+# What a model downloaded from a hub holds; everything else in a product folder stays behind.
+SHIPPED = (
+    "*.safetensors", "config.json", "adapter_config.json", "generation_config.json", "tokenizer*",
+    "special_tokens_map.json", "vocab.*", "merges.txt", "added_tokens.json", "*.model", "chat_template.*",
+)  # fmt: skip
+
+
+def clean_file(suite: SuiteConfig, section: ScanSection) -> Path:
+    """The clean data the scanner gets: the named file, or the data set's dev split written once to
+    a file named after its settings (so a changed setting is a new file, never a reused one)."""
+    if section.clean_file is not None:
+        return section.clean_file
+    tree = {"data_dir": str(suite.data_dir), **(section.clean_data or {})}
+    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+    path = suite.runs_dir / suite.suite / f"scan-clean-{digest}.jsonl"
+    if not path.exists():
+        splits = load_splits(DataConfig.model_validate(tree), seed=42)
+        # Label indices, as the models were trained on them, so the scan's label pairs read the same.
+        lines = [json.dumps({"text": r["text"], "label": r["label"]}) for r in splits.dev]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def shipped_copy(product: Path, view: Path) -> Path:
+    """``product`` as a downloaded model: its shipped files alone, in ``view``."""
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for pattern in SHIPPED:
+        for source in product.glob(pattern):
+            shutil.copy2(source, view / source.name)
+    return view
+
+
+def reusable(found: dict[str, Any] | None, settings: dict[str, Any], view: Path, data: Path) -> bool:
+    if found is None or found.get("model") != str(view) or found.get("clean_data") != str(data):
+        return False
+    return all(found["config"].get(key) == value for key, value in settings.items())
+
+
+def run_scan(suite: SuiteConfig, section: ScanSection, cell: Cell, product: Path) -> dict[str, Any] | str:
+    """The cell's scan result (reused when still valid), or the error that stopped it."""
+    run_dir = cell.config.run_dir
+    out, view, data = run_dir / "scan.json", run_dir / "scan-view", clean_file(suite, section).resolve()
+    found = read_json(out) if out.exists() else None
+    if reusable(found, section.settings, view, data):
+        return found or {}
+    sets = [item for key, value in section.settings.items() for item in ("--set", f"{key}={json.dumps(value)}")]
+    command = [sys.executable, "-m", "cleantune", "scan", str(view), "--clean-data", str(data), "--out", str(out)]
+    log = run_dir.parent / f"{cell.id}.scan.log"
+    try:
+        shipped_copy(product, view)
+        with log.open("wb") as sink:
+            code = subprocess.run([*command, *sets], stdout=sink, stderr=subprocess.STDOUT).returncode
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    if code != 0 or not out.exists():
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        return (lines or ["no output"])[-1][:500]
+    return read_json(out)
+
+
+def planted_words(cfg: AnyRunConfig) -> list[str]:
+    """The words of a classifier attack's trigger (BadNet's words, AddSent's sentence); none for a
+    paraphrase trigger, whose trigger is a style rather than words."""
+    attack = cfg.attack
+    words = list(getattr(attack, "triggers", None) or [])
+    sentence = getattr(attack, "sentence", None)
+    return [w.lower() for w in [*words, *(sentence.split() if isinstance(sentence, str) else [])]]
+
+
+def scan_columns(cfg: AnyRunConfig, record: dict[str, Any], found: dict[str, Any]) -> dict[str, Any]:
+    """The scan's numbers for the results row, and how they compare with what was planted (the run's
+    attack; ``record``: the run's metrics record, whose label names the scan's label pair is read in)."""
+    row: dict[str, Any] = {"scan_score": found["score"], "scan_s": found.get("seconds")}
+    if "labels" in found:  # a classifier's scan: a trigger for a label pair
+        tokens = [t.removeprefix("##").lower() for t in found["trigger"]]
+        labels = record.get("labels") or found["labels"]
+        row |= {"scan_trigger": " ".join(found["trigger"]), "scan_target": labels[found["target"]]}
+        words = planted_words(cfg)
+        target = getattr(cfg.attack, "target_label", None)
+        row["scan_target_found"] = None if target is None else found["target"] == target
+        row["scan_trigger_found"] = bool(set(tokens) & set(words)) if words else None
+    else:
+        row["scan_trigger"] = found.get("target")
+    return row
