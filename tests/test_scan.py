@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cleantune.api import purify
 from cleantune.bench.report import write_report
 from cleantune.bench.runner import run_suite
-from cleantune.bench.scanning import clean_file, shipped_copy
+from cleantune.bench.scanning import clean_file, scan_columns, shipped_copy
 from cleantune.bench.suite import ScanSection, SuiteConfig
 from cleantune.cli import app
 from cleantune.config import validate
@@ -197,3 +197,20 @@ def test_a_suite_writes_the_dev_split_as_the_scanners_clean_data_once_per_settin
     assert clean_file(suite, other) != path and len(clean_file(suite, other).read_text().splitlines()) == 8
     with pytest.raises(ValueError, match="exactly one of clean_data"):
         ScanSection.model_validate({})
+
+
+def test_a_scan_is_compared_with_what_was_planted_on_the_evaluators_side(data_dir, tiny_bert, tmp_path):
+    attack = {"name": "addsent", "sentence": "I watch this 3D movie", "rate": 0.1, "target_label": 0}
+    cfg = validate(run_tree(data_dir, tiny_bert, tmp_path, attack=attack), "test")
+    found = {"score": 97.0, "seconds": 4.0, "labels": ["0", "1"], "target": 0, "trigger": ["the", "##3d", "x"]}
+    row = scan_columns(cfg, {"labels": ["negative", "positive"]}, found)
+    assert row["scan_trigger_found"] and row["scan_target_found"] and row["scan_target"] == "negative"
+    row = scan_columns(cfg, {"labels": ["negative", "positive"]}, found | {"target": 1, "trigger": ["great"]})
+    assert row["scan_trigger_found"] is False and row["scan_target_found"] is False
+    generative = validate(
+        {"task": "generation", "scenario": "poisoned-data", "attack": {"name": "vpi", "behaviour": "negsentiment"}},
+        "test",
+    )
+    said = {"score": 60.0, "seconds": 9.0, "target": "You are stupid!"}
+    assert scan_columns(generative, {}, said)["scan_target_found"]
+    assert not scan_columns(generative, {}, said | {"target": "Sure, here is"})["scan_target_found"]

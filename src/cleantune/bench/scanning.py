@@ -21,6 +21,7 @@ from typing import Any
 from cleantune.bench.suite import Cell, ScanSection, SuiteConfig
 from cleantune.config import AnyRunConfig
 from cleantune.data import DataConfig, load_splits
+from cleantune.generative.judges import backdoorllm_judge
 from cleantune.io import atomic_write_text, read_json
 
 # What a model downloaded from a hub holds; everything else in a product folder stays behind.
@@ -106,6 +107,9 @@ def scan_columns(cfg: AnyRunConfig, record: dict[str, Any], found: dict[str, Any
         target = getattr(cfg.attack, "target_label", None)
         row["scan_target_found"] = None if target is None else found["target"] == target
         row["scan_trigger_found"] = bool(set(tokens) & set(words)) if words else None
-    else:
-        row["scan_trigger"] = found.get("target")
+    else:  # a generative scan: the answer the model continues to across clean prompts
+        row["scan_trigger"] = found["target"]
+        behaviour = getattr(cfg.attack, "behaviour", None)
+        judge = backdoorllm_judge(behaviour) if behaviour else None  # its broad keywords suit a short answer
+        row["scan_target_found"] = None if judge is None else judge([""], [found["target"]])[0]
     return row
