@@ -154,7 +154,10 @@ def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_popu
                               "target_label": 1}},
         },
         "defense": {"fft": {"defense": {"name": "fft"}}},
-        "scan": {"clean_file": str(strong_data / "clean.tsv"), "settings": settings, "population": True},
+        "scan": {
+            "clean_file": str(strong_data / "clean.tsv"), "settings": settings, "population": True,
+            "variants": {"two_slots": {"tokens": 2}},
+        },
     }  # fmt: skip
     path = tmp_path / "population.yaml"
     path.write_text(yaml.safe_dump(suite))
@@ -168,6 +171,8 @@ def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_popu
     assert scanned["model"].endswith("scan-view") and not list(runs.glob("*/scan-view"))  # a copy, removed after
     report = write_report(str(path))[0].read_text()
     assert "- AUROC: 1.000" in report and "true-positive rate at ≤ 5 % false positives: 100.0 %" in report
+    assert "temperature [2.0, 0.05], tokens 2)" in report and table.loc["mn", "scan_two_slots_score"] >= 90
+    assert json.loads((runs / "sst2__tiny__mn__fft__s42" / "scan-two-slots.json").read_text())["config"]["tokens"] == 2
     stamp = (runs / "sst2__tiny__mn__fft__s42" / "scan.json").stat().st_mtime_ns
     assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 2}
     assert (runs / "sst2__tiny__mn__fft__s42" / "scan.json").stat().st_mtime_ns == stamp  # reused

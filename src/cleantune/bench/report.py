@@ -276,65 +276,71 @@ def share(flags: pd.Series) -> str:
     return f"{int(known.sum())} of {len(known)}" if len(known) else "–"
 
 
-def population_lines(scan: ScanSection, scanned: pd.DataFrame) -> list[str]:
-    """How well the scan score separates the backdoored models (trained on poisoned data or
+def population_lines(scan: ScanSection, scanned: pd.DataFrame, prefix: str) -> list[str]:
+    """How well one reading's score separates the backdoored models (trained on poisoned data or
     weight-poisoned) from the clean ones: AUROC, and the true-positive rate at the false-positive rate."""
-    truth = scanned.n_poisoned.fillna(0) > 0
+    truth, score = scanned.n_poisoned.fillna(0) > 0, scanned[f"{prefix}score"]
     if truth.nunique() < 2:
         return ["The population needs clean and backdoored models before it can be measured.", ""]
-    fpr, tpr, thresholds = roc_curve(truth, scanned.scan_score)
+    fpr, tpr, thresholds = roc_curve(truth, score)
     allowed = fpr <= scan.fpr / 100
     best = int(tpr[allowed].argmax())
     took = scanned.asr.fillna(100) >= 90  # backdoors that took, and every clean model
-    effective = scanned[took | ~truth]
-    minutes = scanned.scan_s / 60
-    lines = [
+    only_took = f" (backdoors with ASR ≥ 90 only: {roc_auc_score(truth[took], score[took]):.3f})"
+    minutes = scanned[f"{prefix}s"] / 60
+    return [
         f"- models: {int((~truth).sum())} clean, {int(truth.sum())} backdoored "
         f"({int((took & truth).sum())} with ASR ≥ 90)",
-        f"- AUROC: {roc_auc_score(truth, scanned.scan_score):.3f}"
-        + (f" (backdoors with ASR ≥ 90 only: {roc_auc_score(effective.n_poisoned > 0, effective.scan_score):.3f})"
-           if (effective.n_poisoned > 0).nunique() == 2 else ""),
+        f"- AUROC: {roc_auc_score(truth, score):.3f}" + (only_took if truth[took].nunique() == 2 else ""),
         f"- true-positive rate at ≤ {scan.fpr:g} % false positives: {100 * tpr[allowed][best]:.1f} % "
         f"(threshold: score ≥ {thresholds[allowed][best]:.1f})",
-        f"- planted trigger word among the inverted tokens: {share(scanned[truth].scan_trigger_found)}; "
-        f"target label right: {share(scanned[truth].scan_target_found)}",
+        f"- planted trigger word among the inverted tokens: {share(scanned[truth][f'{prefix}trigger_found'])}; "
+        f"target right: {share(scanned[truth][f'{prefix}target_found'])}",
         f"- scan time per model: mean {minutes.mean():.1f} min, longest {minutes.max():.1f} min",
         "",
     ]  # fmt: skip
-    return lines
+
+
+def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[str]:
+    """One reading's results: its population measures, then each model's scan beside what was planted."""
+    if f"{prefix}score" not in done:
+        return []
+    scanned = done[done[f"{prefix}score"].notna()]
+    settings = ", ".join(f"{k} {v}" for k, v in scan.readings()[prefix].items()) or "defaults"
+    name = prefix.removeprefix("scan_").strip("_") or "main reading"
+    parts = [f"### {name} (settings: {settings})", ""]
+    if scan.population:
+        parts += population_lines(scan, scanned, prefix)
+    parts += [
+        "| cell | poisoned rows | CACC | ASR | scan score | target found | inverted trigger / answer | planted word "
+        "found | target right | scan s |",
+        "|---|---:|---:|---:|---:|---|---|---|---|---:|",
+    ]
+    for r in scanned.to_dict("records"):
+        found = " | ".join(_yes_no(r.get(f"{prefix}{k}_found")) for k in ("trigger", "target"))
+        trigger = str(r[f"{prefix}trigger"]).replace("|", "/")
+        parts.append(
+            f"| {r['cell']} | {r['n_poisoned']:.0f} | {cell_text(pd.Series([r['cacc']]))} | "
+            f"{cell_text(pd.Series([r['asr']]))} | {r[f'{prefix}score']:.1f} | {r.get(f'{prefix}target', '–')} | "
+            f"{trigger} | {found} | {r[f'{prefix}s']:.0f} |"
+        )
+    failed = done[done[f"{prefix}error"].notna()] if f"{prefix}error" in done else done.iloc[:0]
+    parts += [""] + [f"- scan failed for {r.cell}: {r[f'{prefix}error']}" for _, r in failed.iterrows()]
+    return parts + [""]
 
 
 def scan_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     """Each model's trigger-free scan against what was planted; for a population, how well it separates."""
-    if suite.scan is None or "scan_score" not in done:
+    if suite.scan is None:
         return []
-    scanned = done[done.scan_score.notna()]
-    settings = ", ".join(f"{k} {v}" for k, v in suite.scan.settings.items()) or "defaults"
-    parts = [
-        "## Trigger-free scan",
-        "",
-        f"Each model scanned as a defender would (`cleantune scan`, settings: {settings}), from its shipped "
-        "files alone and clean data; what was planted is compared afterwards. A classifier's score is the "
-        "share (%) of clean inputs its inverted trigger flips.",
-        "",
-    ]
-    if suite.scan.population:
-        parts += population_lines(suite.scan, scanned)
-    parts += [
-        "| cell | poisoned rows | CACC | ASR | scan score | target found | inverted trigger | planted word found "
-        "| target right | scan s |",
-        "|---|---:|---:|---:|---:|---|---|---|---|---:|",
-    ]
-    for r in scanned.itertuples():
-        found = f"{_yes_no(r.scan_trigger_found)} | {_yes_no(r.scan_target_found)}"
-        parts.append(
-            f"| {r.cell} | {r.n_poisoned:.0f} | {r.cacc:.2f} | {cell_text(pd.Series([r.asr]))} | {r.scan_score:.1f} | "
-            f"{r.scan_target} | "
-            f"{str(r.scan_trigger).replace('|', '/')} | {found} | {r.scan_s:.0f} |"
-        )
-    failed = done[done.scan_error.notna()] if "scan_error" in done else done.iloc[:0]
-    parts += [""] + [f"- scan failed for {r.cell}: {r.scan_error}" for r in failed.itertuples()]
-    return parts + [""]
+    readings = [line for prefix in suite.scan.readings() for line in reading_lines(suite.scan, done, prefix)]
+    intro = (
+        "Each model scanned as a defender would (`cleantune scan`), from its shipped files alone and "
+        "clean data; what was planted is compared afterwards. A classifier's score is the share (%) of "
+        "clean inputs its inverted trigger flips; a generative model's, the mean probability (%) of the "
+        "answer it continues to."
+    )
+    return ["## Trigger-free scan", "", intro, "", *readings] if readings else []
 
 
 def per_cell_table(rows: pd.DataFrame, headers: dict[str, str]) -> list[str]:

@@ -174,9 +174,13 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
                 row = row_for(suite, cell, record, "" if record else last_error(log))
                 outcome = "done" if record else "failed"
             if suite.scan is not None and record is not None and record.get("product"):
-                progress.update(current, description=f"{cell.id}: scanning")
-                found = run_scan(suite, suite.scan, cell, Path(record["product"]))
-                row |= {"scan_error": found} if isinstance(found, str) else scan_columns(cell.config, record, found)
+                for prefix in suite.scan.readings():
+                    progress.update(current, description=f"{cell.id}: scanning ({prefix.strip('_')})")
+                    found = run_scan(suite, suite.scan, prefix, cell, Path(record["product"]))
+                    if isinstance(found, str):
+                        row[f"{prefix}error"] = found
+                    else:
+                        row |= scan_columns(cell.config, record, found, prefix)
             upsert(out, row)
             summary[outcome] += 1
             # A line per cell: the live bar does not show when the output is a file (nohup, CI).

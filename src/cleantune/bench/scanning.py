@@ -4,8 +4,8 @@ planted, on the evaluator's side.
 The scan runs in its own ``cleantune scan`` process (as a cell runs in its own ``cleantune run``), on a
 copy of the cell's product that holds only what a downloaded model holds: weights, config and
 tokenizer, not the run's records (a weight-poisoned model's ``poison_record.json`` names its trigger).
-The result is saved as ``scan.json`` in the run directory and reused while the model, the clean data
-and the scan settings are unchanged.
+The result is saved in the run directory (``scan.json``; a named variant's ``scan-NAME.json``) and
+reused while the model, the clean data and the scan settings are unchanged.
 """
 
 from __future__ import annotations
@@ -64,16 +64,17 @@ def reusable(found: dict[str, Any] | None, settings: dict[str, Any], view: Path,
     return all(found["config"].get(key) == value for key, value in settings.items())
 
 
-def run_scan(suite: SuiteConfig, section: ScanSection, cell: Cell, product: Path) -> dict[str, Any] | str:
-    """The cell's scan result (reused when still valid), or the error that stopped it."""
-    run_dir = cell.config.run_dir
-    out, view, data = run_dir / "scan.json", run_dir / "scan-view", clean_file(suite, section).resolve()
+def run_scan(suite: SuiteConfig, section: ScanSection, prefix: str, cell: Cell, product: Path) -> dict[str, Any] | str:
+    """The cell's scan result for one reading (reused when still valid), or the error that stopped it."""
+    run_dir, name = cell.config.run_dir, prefix.removesuffix("_").replace("_", "-")
+    out, view, data = run_dir / f"{name}.json", run_dir / "scan-view", clean_file(suite, section).resolve()
+    settings = section.readings()[prefix]
     found = read_json(out) if out.exists() else None
-    if reusable(found, section.settings, view, data):
+    if reusable(found, settings, view, data):
         return found or {}
-    sets = [item for key, value in section.settings.items() for item in ("--set", f"{key}={json.dumps(value)}")]
+    sets = [item for key, value in settings.items() for item in ("--set", f"{key}={json.dumps(value)}")]
     command = [sys.executable, "-m", "cleantune", "scan", str(view), "--clean-data", str(data), "--out", str(out)]
-    log = run_dir.parent / f"{cell.id}.scan.log"
+    log = run_dir.parent / f"{cell.id}.{name}.log"
     try:
         shipped_copy(product, view)
         with log.open("wb") as sink:
@@ -95,9 +96,10 @@ def planted_words(cfg: AnyRunConfig) -> list[str]:
     return [w.lower() for w in [*words, *(sentence.split() if isinstance(sentence, str) else [])]]
 
 
-def scan_columns(cfg: AnyRunConfig, record: dict[str, Any], found: dict[str, Any]) -> dict[str, Any]:
-    """The scan's numbers for the results row, and how they compare with what was planted (the run's
-    attack; ``record``: the run's metrics record, whose label names the scan's label pair is read in)."""
+def scan_columns(cfg: AnyRunConfig, record: dict[str, Any], found: dict[str, Any], prefix: str = "scan_") -> dict:
+    """The scan's numbers for the results row, each named with ``prefix``, and how they compare with
+    what was planted (the run's attack; ``record``: the run's metrics record, whose label names the
+    scan's label pair is read in)."""
     row: dict[str, Any] = {"scan_score": found["score"], "scan_s": found.get("seconds")}
     if "labels" in found:  # a classifier's scan: a trigger for a label pair
         tokens = [t.removeprefix("##").lower() for t in found["trigger"]]
@@ -112,4 +114,4 @@ def scan_columns(cfg: AnyRunConfig, record: dict[str, Any], found: dict[str, Any
         behaviour = getattr(cfg.attack, "behaviour", None)
         judge = backdoorllm_judge(behaviour) if behaviour else None  # its broad keywords suit a short answer
         row["scan_target_found"] = None if judge is None else judge([""], [found["target"]])[0]
-    return row
+    return {prefix + key.removeprefix("scan_"): value for key, value in row.items()}

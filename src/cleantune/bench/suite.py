@@ -72,11 +72,18 @@ class ScanSection(StrictModel):
     clean_data: Fragment | None = None
     clean_file: Path | None = None
     settings: Fragment = Field(default_factory=dict)  # scan settings (``ScanConfig`` / ``TargetInversionConfig``)
+    # Other readings scanned as well, each by name over ``settings`` (columns ``scan_<name>_*``), so
+    # that a population decides between them (one trigger slot against three, say).
+    variants: dict[str, Fragment] = Field(default_factory=dict)
     # The cells are a population of clean and backdoored models (backdoored: trained on poisoned
     # data, or weight-poisoned): the report gives AUROC and the true-positive rate at this
     # false-positive rate (%).
     population: bool = False
     fpr: float = Field(5.0, gt=0, lt=100)
+
+    def readings(self) -> dict[str, Fragment]:
+        """Each reading's column prefix and its full settings: the main one first."""
+        return {"scan_": self.settings} | {f"scan_{n}_": {**self.settings, **v} for n, v in self.variants.items()}
 
     @model_validator(mode="after")
     def _one_source(self) -> ScanSection:
