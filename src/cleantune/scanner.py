@@ -27,6 +27,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cleantune.data import DataConfig, load_splits
@@ -71,7 +72,8 @@ def _with_trigger(ids: torch.Tensor, mask: torch.Tensor, trigger: torch.Tensor) 
 def invert(
     model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], target: int, banned: list[int], cfg: ScanConfig
 ) -> tuple[list[int], float]:
-    """The trigger tokens that best turn ``batches`` into ``target``, and the final loss."""
+    """The trigger tokens that best turn ``batches`` into ``target``, and the final loss (a progress
+    bar per label pair: a scan of a real model takes minutes on a CPU)."""
     lookup = cast(nn.Embedding, model.get_input_embeddings())
     embedding = lookup.weight.detach()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -81,7 +83,8 @@ def invert(
     optimizer = torch.optim.Adam([logits], lr=cfg.lr)
     start, end = cfg.temperature
     loss = torch.tensor(0.0)
-    for step, batch in zip(range(cfg.steps), itertools.cycle(batches)):
+    steps = tqdm(zip(range(cfg.steps), itertools.cycle(batches)), total=cfg.steps, desc=f"scan: to label {target}")
+    for step, batch in steps:
         temperature = start * (end / start) ** (step / max(1, cfg.steps - 1))
         relaxed = F.softmax((logits + forbidden) / temperature, dim=-1) @ embedding  # (slots, hidden)
         words = lookup(batch["input_ids"])
