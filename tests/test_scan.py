@@ -21,6 +21,7 @@ from cleantune.bench.suite import ScanSection, SuiteConfig
 from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
+from cleantune.errors import CleantuneError
 from cleantune.scanner import ScanConfig, TargetInversionConfig, scan
 
 FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
@@ -61,8 +62,13 @@ def planted(strong_data: Path, tiny_bert: Path, tmp_path_factory: pytest.TempPat
     return classifier(strong_data, tiny_bert, tmp_path_factory.mktemp("poisoned"), backdoor)
 
 
-def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(planted, strong_data, tiny_bert, tmp_path):
-    clean = classifier(strong_data, tiny_bert, tmp_path / "clean", {"name": "none"})
+@pytest.fixture(scope="module")
+def unplanted(strong_data: Path, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return classifier(strong_data, tiny_bert, tmp_path_factory.mktemp("clean"), {"name": "none"})
+
+
+def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(planted, unplanted, strong_data, tmp_path):
+    clean = unplanted
     assert planted["metrics"]["asr"] >= 90 and clean["metrics"]["cacc"] >= 90  # what the scan must tell apart
     found = scan(planted["product"], strong_data / "clean.tsv", tmp_path / "poisoned.json", FAST)
     assert found["score"] >= 90 and (found["source"], found["target"]) == (0, 1)
@@ -71,6 +77,22 @@ def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(planted, st
     unplanted = scan(clean["product"], strong_data / "clean.tsv", None, FAST)
     assert unplanted["score"] < 80 and unplanted["verdict"] == "clean"
     assert not set(unplanted["trigger"]) & set(TRIGGERS)
+
+
+def test_a_clean_reference_leaves_the_trigger_and_cancels_what_moves_it_too(planted, unplanted, strong_data):
+    against = FAST.model_copy(update={"reference": [unplanted["product"]]})
+    found = scan(planted["product"], strong_data / "clean.tsv", None, against)
+    pair = next(p for p in found["pairs"] if (p["source"], p["target"]) == (0, 1))
+    assert pair["flip_rate"] >= 90 and pair["reference_flip_rate"] <= 10  # what it found moves the planted model alone
+    assert found["score"] == pair["flip_rate"] - pair["reference_flip_rate"] and found["verdict"] == "backdoored"
+    itself = FAST.model_copy(update={"reference": [planted["product"]]})  # all it moves moves the reference
+    assert scan(planted["product"], strong_data / "clean.tsv", None, itself)["score"] == 0
+
+
+def test_a_reference_with_another_vocabulary_is_refused(planted, strong_data, tiny_chat_llama):
+    against = FAST.model_copy(update={"reference": [str(tiny_chat_llama)]})
+    with pytest.raises(CleantuneError, match="vocabulary differs from the scanned model's"):
+        scan(planted["product"], strong_data / "clean.tsv", None, against)
 
 
 def test_purify_scans_the_suspicious_model_and_its_product(planted, strong_data, tmp_path):
@@ -89,15 +111,17 @@ def test_purify_scans_the_suspicious_model_and_its_product(planted, strong_data,
     assert made == {when: (out / f"scan-{when}.json").stat().st_mtime_ns for when in ("before", "after")}  # reused
 
 
-def test_a_scan_threshold_without_a_scan_is_refused(tmp_path, tiny_bert):
+@pytest.mark.parametrize("option", [["--scan-threshold", "80"], ["--scan-reference", "clean-model"]])
+def test_scan_options_without_a_scan_are_refused(tmp_path, tiny_bert, option):
     args = ["purify", str(tiny_bert), "--clean-data", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]
-    result = CliRunner().invoke(app, [*args, "--scan-threshold", "80"])
-    assert result.exit_code == 2 and "--scan-threshold goes with --scan" in result.output
+    result = CliRunner().invoke(app, [*args, *option])
+    assert result.exit_code == 2 and "--scan-threshold and --scan-reference go with --scan" in result.output
     assert not (tmp_path / "o").exists()
 
 
 def test_the_scanner_is_given_no_attack_record():
     assert set(inspect.signature(scan).parameters) == {"model", "clean_data", "out", "cfg"}
+    assert set(ScanConfig.model_fields) >= {"reference"} and "record" not in " ".join(ScanConfig.model_fields)
 
 
 def test_scan_from_the_command_line_refuses_too_little_clean_data(tmp_path, tiny_bert):
@@ -150,19 +174,22 @@ def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_popu
         "model": {"tiny": {}},
         "attack": {
             "clean": {"attack": {"name": "none"}},
+            "reference": {"attack": {"name": "none"}, "data": {"max_train": 120}},  # the defender's own
             "mn": {"attack": {"name": "badnet", "triggers": ["mn"], "setting": "dirty", "rate": 0.3,
                               "target_label": 1}},
         },
         "defense": {"fft": {"defense": {"name": "fft"}}},
         "scan": {
             "clean_file": str(strong_data / "clean.tsv"), "settings": settings, "population": True,
-            "variants": {"two_slots": {"tokens": 2}},
+            "variants": {"against": {"reference": ["sst2__tiny__reference__fft__s42"]}},
         },
     }  # fmt: skip
     path = tmp_path / "population.yaml"
     path.write_text(yaml.safe_dump(suite))
-    assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
+    assert run_suite(path) == {"done": 3, "failed": 0, "skipped": 0}
     table = pd.read_csv(tmp_path / "results" / "population.csv").set_index("attack")
+    assert pd.isna(table.loc["reference", "scan_score"])  # a reference is not scanned or counted
+    assert table.loc["mn", "scan_against_score"] >= 80 and table.loc["clean", "scan_against_score"] < 80
     assert table.loc["mn", "scan_score"] >= 90 and table.loc["clean", "scan_score"] < 80
     assert table.loc["mn", "scan_trigger"] == "mn" and table.loc["mn", "scan_trigger_found"]
     assert table.loc["mn", "scan_target_found"] and pd.isna(table.loc["clean", "scan_trigger_found"])
@@ -171,10 +198,11 @@ def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_popu
     assert scanned["model"].endswith("scan-view") and not list(runs.glob("*/scan-view"))  # a copy, removed after
     report = write_report(str(path))[0].read_text()
     assert "- AUROC: 1.000" in report and "true-positive rate at ≤ 5 % false positives: 100.0 %" in report
-    assert "temperature [2.0, 0.05], tokens 2)" in report and table.loc["mn", "scan_two_slots_score"] >= 90
-    assert json.loads((runs / "sst2__tiny__mn__fft__s42" / "scan-two-slots.json").read_text())["config"]["tokens"] == 2
+    assert "### against (settings: " in report and "reference ['sst2__tiny__reference__fft__s42']," in report
     stamp = (runs / "sst2__tiny__mn__fft__s42" / "scan.json").stat().st_mtime_ns
-    assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 2}
+    against = json.loads((runs / "sst2__tiny__mn__fft__s42" / "scan-against.json").read_text())["config"]["reference"]
+    assert against == [str(runs / "sst2__tiny__reference__fft__s42" / "model")]
+    assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 3}
     assert (runs / "sst2__tiny__mn__fft__s42" / "scan.json").stat().st_mtime_ns == stamp  # reused
 
 

@@ -163,6 +163,12 @@ def any_config(config: Path | None, overrides: list[str] | None) -> Any:
 
 
 MethodOpt = Annotated[str | None, typer.Option(help="Defense to use instead of the default for this threat.")]
+ReferenceOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="A trusted clean classifier of the same task and vocabulary the trigger must not move (repeatable)."
+    ),
+]
 
 
 def show_product(record: dict[str, Any]) -> None:
@@ -194,6 +200,7 @@ def purify(
     scan_threshold: Annotated[
         float | None, typer.Option(help="With --scan: flip rate (%) that means backdoored (see `cleantune scan`).")
     ] = None,
+    scan_reference: ReferenceOpt = None,
 ) -> None:
     """Purify SUSPICIOUS with clean data. The task is read from the model; an adapter in gives an
     adapter out on the same base; `cleantune list` shows the methods."""
@@ -201,9 +208,10 @@ def purify(
     from cleantune.api import purify as purify_model
     from cleantune.scanner import settings_for
 
-    if scan_threshold is not None and not scan:
-        raise CleantuneError("--scan-threshold goes with --scan")
-    scanning = settings_for(suspicious, {"threshold": scan_threshold}) if scan else None
+    if (scan_threshold is not None or scan_reference) and not scan:
+        raise CleantuneError("--scan-threshold and --scan-reference go with --scan")
+    chosen = {"threshold": scan_threshold} | ({"reference": scan_reference} if scan_reference else {})
+    scanning = settings_for(suspicious, chosen) if scan else None
     show_product(purify_model(suspicious, clean_data, out, method, set_, seed, force, scanning))
 
 
@@ -217,6 +225,7 @@ def scan(
         float | None,
         typer.Option(help="Flip rate (%) that means backdoored, measured on clean models of the same task."),
     ] = None,
+    reference: ReferenceOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Scan MODEL for a backdoor without its trigger: invert a short trigger for every label pair and
@@ -226,14 +235,24 @@ def scan(
     from cleantune.scanner import scan as scan_model
     from cleantune.scanner import settings_for
 
-    found = scan_model(model, clean_data, out, settings_for(model, overridden({"threshold": threshold}, set_)))
+    chosen = {"threshold": threshold} | ({"reference": reference} if reference else {})
+    found = scan_model(model, clean_data, out, settings_for(model, overridden(chosen, set_)))
     if "pairs" in found:
         table = Table(title=f"scan of {model}")
-        for column in ("source", "target", "flip rate %", "trigger", "inputs"):
+        against = bool(found["config"]["reference"])
+        for column in (
+            "source",
+            "target",
+            "flip rate %",
+            *(["in references %"] if against else []),
+            "trigger",
+            "inputs",
+        ):
             table.add_column(column)
         for pair in found["pairs"]:
             names = [found["labels"][pair["source"]], found["labels"][pair["target"]]]
-            table.add_row(*names, f"{pair['flip_rate']:.1f}", " ".join(pair["trigger"]), str(pair["n"]))
+            moved = [f"{pair['reference_flip_rate']:.1f}"] if against else []
+            table.add_row(*names, f"{pair['flip_rate']:.1f}", *moved, " ".join(pair["trigger"]), str(pair["n"]))
     else:
         table = Table(title=f"scan of {model}: the answers it continues most confidently")
         for column in ("score %", "target"):

@@ -12,6 +12,13 @@ a clean model's best few tokens flip fewer inputs. How many fewer depends on the
 model is moved by ordinary sentiment words), so a verdict needs a threshold measured on clean
 models of the same task: without one the scan reports its score and no verdict.
 
+Ordinary label words move every model of the task; a backdoor's trigger moves only its own. Given
+clean reference models of the same task and vocabulary (trusted ones: trained by the defender on
+clean data), the scan looks for that difference: the relaxed trigger is optimised to turn the
+scanned model to the target while each reference keeps the source label, and a pair's score is the
+share of held-out inputs its trigger flips in the scanned model less the share it flips in the
+reference it flips most.
+
 The scanner sees the model and clean data only: no attack record, trigger or triggered test set.
 """
 
@@ -52,6 +59,9 @@ class ScanConfig(StrictModel):
     # Flip rate (%) at or above which the model is reported backdoored; measure it on clean models
     # of the same task at the false-positive rate you accept. None: the score, no verdict.
     threshold: float | None = Field(None, ge=0, le=100)
+    # Clean classifiers of the same task and vocabulary (directories or hub ids) the trigger must not
+    # move; none: the trigger is optimised on the scanned model alone and scored by its flip rate.
+    reference: list[str] = Field(default_factory=list)
     seed: int = 42
 
 
@@ -69,16 +79,31 @@ def _with_trigger(ids: torch.Tensor, mask: torch.Tensor, trigger: torch.Tensor) 
     return inserted, torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
 
 
-def invert(
-    model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], target: int, banned: list[int], cfg: ScanConfig
-) -> tuple[list[int], float]:
-    """The trigger tokens that best turn ``batches`` into ``target``, and the final loss (a progress
-    bar per label pair: a scan of a real model takes minutes on a CPU)."""
+def _loss(model: PreTrainedModel, weights: torch.Tensor, batch: dict[str, torch.Tensor], label: int) -> torch.Tensor:
+    """Cross-entropy towards ``label`` of ``batch`` with the relaxed trigger ``weights`` (slots,
+    vocabulary) inserted, read through ``model``'s own embeddings."""
     lookup = cast(nn.Embedding, model.get_input_embeddings())
-    embedding = lookup.weight.detach()
+    embeds, mask = _with_trigger(lookup(batch["input_ids"]), batch["attention_mask"], weights @ lookup.weight)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+    return F.cross_entropy(logits, torch.full((embeds.shape[0],), label))
+
+
+def invert(
+    model: PreTrainedModel,
+    batches: list[dict[str, torch.Tensor]],
+    pair: tuple[int, int],
+    banned: list[int],
+    cfg: ScanConfig,
+    references: list[PreTrainedModel],
+) -> tuple[list[int], float]:
+    """The trigger tokens that best turn ``batches`` from the pair's source label into its target
+    while ``references`` keep the source, and the final loss (a progress bar per label pair: a scan
+    of a real model takes minutes on a CPU)."""
+    source, target = pair
+    vocabulary = cast(nn.Embedding, model.get_input_embeddings()).num_embeddings
     generator = torch.Generator().manual_seed(cfg.seed)
-    logits = nn.Parameter(0.01 * torch.randn(cfg.tokens, embedding.shape[0], generator=generator))
-    forbidden = torch.zeros(embedding.shape[0])
+    logits = nn.Parameter(0.01 * torch.randn(cfg.tokens, vocabulary, generator=generator))
+    forbidden = torch.zeros(vocabulary)
     forbidden[banned] = float("-inf")  # special tokens are no trigger
     optimizer = torch.optim.Adam([logits], lr=cfg.lr)
     start, end = cfg.temperature
@@ -86,11 +111,10 @@ def invert(
     steps = tqdm(zip(range(cfg.steps), itertools.cycle(batches)), total=cfg.steps, desc=f"scan: to label {target}")
     for step, batch in steps:
         temperature = start * (end / start) ** (step / max(1, cfg.steps - 1))
-        relaxed = F.softmax((logits + forbidden) / temperature, dim=-1) @ embedding  # (slots, hidden)
-        words = lookup(batch["input_ids"])
-        embeds, mask = _with_trigger(words, batch["attention_mask"], relaxed)
-        out = model(inputs_embeds=embeds, attention_mask=mask)
-        loss = F.cross_entropy(out.logits, torch.full((embeds.shape[0],), target))
+        weights = F.softmax((logits + forbidden) / temperature, dim=-1)  # (slots, vocabulary)
+        loss = _loss(model, weights, batch, target)
+        if references:  # what moves the clean references too is an ordinary label word, not a trigger
+            loss = loss + sum(_loss(r, weights, batch, source) for r in references) / len(references)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -108,6 +132,17 @@ def predict(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], trig
     return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
 
 
+def flip_rate(
+    model: PreTrainedModel, held: list[dict[str, torch.Tensor]], pair: tuple[int, int], trigger: list[int]
+) -> tuple[float, int]:
+    """The share (%) of ``held`` inputs of the pair's source label, of those ``model`` gets right,
+    that ``trigger`` turns into its target; and how many inputs that share is of."""
+    source, target = pair
+    correct = predict(model, held, None) == source  # inputs the model gets right without a trigger
+    flipped = predict(model, held, trigger)[correct] == target
+    return (100.0 * float(flipped.float().mean()) if len(flipped) else 0.0), len(flipped)
+
+
 def _batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: ScanConfig) -> list[dict[str, torch.Tensor]]:
     chunks = [texts[i : i + cfg.batch_size] for i in range(0, len(texts), cfg.batch_size)]
     limit = cfg.max_length - cfg.tokens  # room for the trigger
@@ -115,14 +150,24 @@ def _batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: ScanConf
     return [dict(tokenizer(c, return_tensors="pt", return_token_type_ids=False, **settings)) for c in chunks]
 
 
-def scan_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: dict[int, list[str]], cfg: ScanConfig
-) -> dict[str, Any]:
-    """Invert a trigger for every (source, target) pair of ``texts`` (clean inputs by label)."""
+def _frozen(model: PreTrainedModel) -> PreTrainedModel:
     _encoder_only(model)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    return model
+
+
+def scan_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: dict[int, list[str]],
+    cfg: ScanConfig,
+    references: list[PreTrainedModel] | None = None,
+) -> dict[str, Any]:
+    """Invert a trigger for every (source, target) pair of ``texts`` (clean inputs by label), against
+    the clean ``references`` when given."""
+    model, references = _frozen(model), [_frozen(r) for r in references or []]
     banned = sorted(set(tokenizer.all_special_ids))
     pairs: list[dict[str, Any]] = []
     for source in sorted(texts):
@@ -130,16 +175,17 @@ def scan_model(
         random.Random(f"scan-{cfg.seed}-{source}").shuffle(rows)
         fit = _batches(tokenizer, rows[: cfg.samples], cfg)
         held = _batches(tokenizer, rows[cfg.samples :][: cfg.holdout], cfg)
-        correct = predict(model, held, None) == source  # inputs the model gets right without a trigger
         for target in sorted(set(texts) - {source}):
-            trigger, loss = invert(model, fit, target, banned, cfg)
-            flipped = predict(model, held, trigger)[correct] == target
-            rate = 100.0 * float(flipped.float().mean()) if len(flipped) else 0.0
+            trigger, loss = invert(model, fit, (source, target), banned, cfg, references)
+            rate, n = flip_rate(model, held, (source, target), trigger)
             words = tokenizer.convert_ids_to_tokens(trigger)
-            pairs.append({"source": source, "target": target, "flip_rate": rate, "trigger": words, "loss": loss})
-            pairs[-1]["n"] = len(flipped)
-    worst = max(pairs, key=lambda p: p["flip_rate"])
-    score: float = worst["flip_rate"]
+            pair = {"source": source, "target": target, "flip_rate": rate, "trigger": words, "loss": loss, "n": n}
+            if references:
+                moved = max(flip_rate(r, held, (source, target), trigger)[0] for r in references)
+                pair |= {"reference_flip_rate": moved, "excess": rate - moved}
+            pairs.append(pair)
+    worst = max(pairs, key=lambda p: p["excess" if references else "flip_rate"])
+    score: float = worst["excess" if references else "flip_rate"]
     found: dict[str, Any] = {"score": score, "source": worst["source"], "target": worst["target"]}
     found |= {"trigger": worst["trigger"], "pairs": pairs}
     return found
@@ -189,4 +235,13 @@ def _scan_classifier(model: str | Path, clean_data: str | Path, cfg: ScanConfig)
     if short:
         raise CleantuneError(f"{clean_data}: fewer than {cfg.samples + 1} clean inputs of label(s) {', '.join(short)}")
     loaded = load_model(str(model), num_labels=splits.num_labels)
-    return scan_model(loaded.model, loaded.tokenizer, texts, cfg) | {"labels": splits.label_names}
+    references = [_reference(path, loaded.tokenizer, splits.num_labels) for path in cfg.reference]
+    return scan_model(loaded.model, loaded.tokenizer, texts, cfg, references) | {"labels": splits.label_names}
+
+
+def _reference(path: str, tokenizer: PreTrainedTokenizerBase, num_labels: int) -> PreTrainedModel:
+    """A clean reference model, refused unless it reads the scanned model's token ids as the same words."""
+    loaded = load_model(path, num_labels=num_labels)
+    if loaded.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise CleantuneError(f"reference {path}: its vocabulary differs from the scanned model's")
+    return loaded.model

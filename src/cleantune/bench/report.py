@@ -337,7 +337,8 @@ def scan_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     intro = (
         "Each model scanned as a defender would (`cleantune scan`), from its shipped files alone and "
         "clean data; what was planted is compared afterwards. A classifier's score is the share (%) of "
-        "clean inputs its inverted trigger flips; a generative model's, the mean probability (%) of the "
+        "clean inputs its inverted trigger flips (in a reading with clean reference models, less the share "
+        "it flips in the reference it moves most); a generative model's, the mean probability (%) of the "
         "answer it continues to."
     )
     return ["## Trigger-free scan", "", intro, "", *readings] if readings else []

@@ -146,9 +146,17 @@ def select(all_cells: list[Cell], only: list[str] | None) -> list[Cell]:
     return jobs + chosen
 
 
+def with_references(todo: list[Cell], everything: list[Cell], names: set[str]) -> list[Cell]:
+    """``todo`` with the scan's reference cells before the cells scanned against them."""
+    references = [c for c in everything if c.id in names]
+    return [c for c in todo if c.poisons] + references + [c for c in todo if not c.poisons and c.id not in names]
+
+
 def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
     suite = load_suite(path)
-    todo = select(cells(suite), only)
+    names = suite.scan.references() if suite.scan is not None else set()
+    todo = with_references(select(cells(suite), only), cells(suite), names)
+    references: dict[str, Path | None] = {}
     out = results_path(suite)
     summary = {"done": 0, "failed": 0, "skipped": 0}
     started = time.time()
@@ -173,10 +181,13 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
                 log = cell.config.run_dir.parent / f"{cell.id}.log"
                 row = row_for(suite, cell, record, "" if record else last_error(log))
                 outcome = "done" if record else "failed"
-            if suite.scan is not None and record is not None and record.get("product"):
-                for prefix in suite.scan.readings():
+            product = record.get("product") if record else None
+            if cell.id in names:
+                references[cell.id] = Path(product) if product else None
+            elif record is not None and product:
+                for prefix in suite.scan.readings() if suite.scan is not None else {}:
                     progress.update(current, description=f"{cell.id}: scanning ({prefix.strip('_')})")
-                    found = run_scan(suite, suite.scan, prefix, cell, Path(record["product"]))
+                    found = run_scan(suite, prefix, cell, Path(product), references)
                     if isinstance(found, str):
                         row[f"{prefix}error"] = found
                     else:

@@ -5,7 +5,8 @@ The scan runs in its own ``cleantune scan`` process (as a cell runs in its own `
 copy of the cell's product that holds only what a downloaded model holds: weights, config and
 tokenizer, not the run's records (a weight-poisoned model's ``poison_record.json`` names its trigger).
 The result is saved in the run directory (``scan.json``; a named variant's ``scan-NAME.json``) and
-reused while the model, the clean data and the scan settings are unchanged.
+reused while the model, the clean data and the scan settings are unchanged. A reading's clean
+reference models may be cells of the suite (clean ones, the defender's own): their products are used.
 """
 
 from __future__ import annotations
@@ -64,11 +65,21 @@ def reusable(found: dict[str, Any] | None, settings: dict[str, Any], view: Path,
     return all(found["config"].get(key) == value for key, value in settings.items())
 
 
-def run_scan(suite: SuiteConfig, section: ScanSection, prefix: str, cell: Cell, product: Path) -> dict[str, Any] | str:
-    """The cell's scan result for one reading (reused when still valid), or the error that stopped it."""
+def run_scan(
+    suite: SuiteConfig, prefix: str, cell: Cell, product: Path, references: dict[str, Path | None]
+) -> dict[str, Any] | str:
+    """The cell's scan result for one reading (reused when still valid), or the error that stopped it.
+    ``references``: the products of the suite's reference cells (None: the cell made none)."""
+    assert suite.scan is not None
     run_dir, name = cell.config.run_dir, prefix.removesuffix("_").replace("_", "-")
-    out, view, data = run_dir / f"{name}.json", run_dir / "scan-view", clean_file(suite, section).resolve()
-    settings = section.readings()[prefix]
+    out, view, data = run_dir / f"{name}.json", run_dir / "scan-view", clean_file(suite, suite.scan).resolve()
+    settings = suite.scan.readings()[prefix]
+    named = [str(r) for r in settings.get("reference", [])]
+    missing = [r for r in named if r in references and references[r] is None]
+    if missing:
+        return f"reference cell {missing[0]} has no product (it failed)"
+    if named:
+        settings = settings | {"reference": [str(references.get(r) or r) for r in named]}
     found = read_json(out) if out.exists() else None
     if reusable(found, settings, view, data):
         return found or {}

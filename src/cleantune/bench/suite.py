@@ -85,6 +85,11 @@ class ScanSection(StrictModel):
         """Each reading's column prefix and its full settings: the main one first."""
         return {"scan_": self.settings} | {f"scan_{n}_": {**self.settings, **v} for n, v in self.variants.items()}
 
+    def references(self) -> set[str]:
+        """What the readings name as clean reference models (``reference``): this suite's cells among
+        them are trained first and their products used; they are not scanned or counted in the population."""
+        return {str(name) for settings in self.readings().values() for name in settings.get("reference", [])}
+
     @model_validator(mode="after")
     def _one_source(self) -> ScanSection:
         if (self.clean_data is None) == (self.clean_file is None):
