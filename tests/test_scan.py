@@ -21,7 +21,6 @@ from cleantune.bench.suite import ScanSection, SuiteConfig
 from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
-from cleantune.errors import CleantuneError
 from cleantune.scanner import ScanConfig, TargetInversionConfig, scan
 
 FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
@@ -89,10 +88,18 @@ def test_a_clean_reference_leaves_the_trigger_and_cancels_what_moves_it_too(plan
     assert scan(planted["product"], strong_data / "clean.tsv", None, itself)["score"] == 0
 
 
-def test_a_reference_with_another_vocabulary_is_refused(planted, strong_data, tiny_chat_llama):
-    against = FAST.model_copy(update={"reference": [str(tiny_chat_llama)]})
-    with pytest.raises(CleantuneError, match="vocabulary differs from the scanned model's"):
-        scan(planted["product"], strong_data / "clean.tsv", None, against)
+def test_a_reference_with_another_vocabulary_is_refused_with_one_line(planted, strong_data, tiny_chat_llama, tmp_path):
+    args = [
+        "scan",
+        planted["product"],
+        "--clean-data",
+        str(strong_data / "clean.tsv"),
+        "--out",
+        str(tmp_path / "s.json"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--reference", str(tiny_chat_llama)])
+    assert result.exit_code == 2 and "vocabulary differs from the scanned model's" in result.output
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_purify_scans_the_suspicious_model_and_its_product(planted, strong_data, tmp_path):
