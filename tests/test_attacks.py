@@ -98,7 +98,10 @@ def test_rows_without_a_paraphrase_are_never_poisoned(splits, data_dir, tmp_path
 
 
 def test_paraphrase_refuses_a_target_its_files_do_not_hold(splits, data_dir):
-    with pytest.raises(CleantuneError, match=r"train.csv: row 1, column '1': label 1 is not in the label set \[0\]"):
+    with pytest.raises(
+        CleantuneError,
+        match=r"train.csv \(its rows must carry attack.target_label, 0 here\): row 1, column '1': label 1 is not in",
+    ):
         attack_data(ParaphraseConfig(name="synbkd", target_label=0), splits, data_dir, seed=0, train=True)
 
 

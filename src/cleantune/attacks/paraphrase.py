@@ -32,7 +32,8 @@ def _texts(path: Path, target_label: int) -> list[str | None]:
         frame = frame.assign(**{"0": frame["0"].where(~missing, "(missing)")})
     else:
         missing = None
-    texts = list(frame_to_dataset(frame, str(path), "0", "1", labels=[target_label])[0]["text"])
+    source = f"{path} (its rows must carry attack.target_label, {target_label} here)"
+    texts = list(frame_to_dataset(frame, source, "0", "1", labels=[target_label])[0]["text"])
     return [None if missing is not None and missing.iloc[i] else t for i, t in enumerate(texts)]
 
 
