@@ -78,13 +78,15 @@ def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(planted, un
     assert not set(unplanted["trigger"]) & set(TRIGGERS)
 
 
-def test_a_clean_reference_leaves_the_trigger_and_cancels_what_moves_it_too(planted, unplanted, strong_data):
-    against = FAST.model_copy(update={"reference": [unplanted["product"]]})
+@pytest.mark.parametrize("objective", [True, False])
+def test_a_clean_reference_leaves_the_trigger_and_cancels_what_moves_it_too(planted, unplanted, strong_data, objective):
+    against = FAST.model_copy(update={"reference": [unplanted["product"]], "reference_objective": objective})
     found = scan(planted["product"], strong_data / "clean.tsv", None, against)
     pair = next(p for p in found["pairs"] if (p["source"], p["target"]) == (0, 1))
     assert pair["flip_rate"] >= 90 and pair["reference_flip_rate"] <= 10  # what it found moves the planted model alone
     assert found["score"] == pair["flip_rate"] - pair["reference_flip_rate"] and found["verdict"] == "backdoored"
-    itself = FAST.model_copy(update={"reference": [planted["product"]]})  # all it moves moves the reference
+    assert objective or found["trigger"] == ["mn"]  # alone, the scanned model gives the planted word
+    itself = against.model_copy(update={"reference": [planted["product"]]})  # all it moves moves the reference
     assert scan(planted["product"], strong_data / "clean.tsv", None, itself)["score"] == 0
 
 
@@ -211,6 +213,9 @@ def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_popu
     assert against == [str(runs / "sst2__tiny__reference__fft__s42" / "model")]
     assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 3}
     assert (runs / "sst2__tiny__mn__fft__s42" / "scan.json").stat().st_mtime_ns == stamp  # reused
+    suite["scan"]["variants"]["later"] = {"tokens": 2}  # a reading added after the run
+    path.write_text(yaml.safe_dump(suite))
+    assert "tokens 2)\n\nNot run yet." in write_report(str(path))[0].read_text()
 
 
 def test_the_suite_scanner_sees_only_what_a_downloaded_model_holds(tmp_path):

@@ -15,9 +15,10 @@ models of the same task: without one the scan reports its score and no verdict.
 Ordinary label words move every model of the task; a backdoor's trigger moves only its own. Given
 clean reference models of the same task and vocabulary (trusted ones: trained by the defender on
 clean data), the scan looks for that difference: the relaxed trigger is optimised to turn the
-scanned model to the target while each reference keeps the source label, and a pair's score is the
-share of held-out inputs its trigger flips in the scanned model less the share it flips in the
-reference it flips most.
+scanned model to the target while each reference keeps the source label (or, with
+``reference_objective`` off, on the scanned model alone), and a pair's score is the share of
+held-out inputs its trigger flips in the scanned model less the share it flips in the reference it
+flips most.
 
 The scanner sees the model and clean data only: no attack record, trigger or triggered test set.
 """
@@ -62,6 +63,9 @@ class ScanConfig(StrictModel):
     # Clean classifiers of the same task and vocabulary (directories or hub ids) the trigger must not
     # move; none: the trigger is optimised on the scanned model alone and scored by its flip rate.
     reference: list[str] = Field(default_factory=list)
+    # Whether the references enter the trigger's optimisation (True) or only its score (False: the
+    # trigger is the one the scanned model alone gives, then discounted by what it does to them).
+    reference_objective: bool = True
     seed: int = 42
 
 
@@ -113,7 +117,7 @@ def invert(
         temperature = start * (end / start) ** (step / max(1, cfg.steps - 1))
         weights = F.softmax((logits + forbidden) / temperature, dim=-1)  # (slots, vocabulary)
         loss = _loss(model, weights, batch, target)
-        if references:  # what moves the clean references too is an ordinary label word, not a trigger
+        if references and cfg.reference_objective:  # what moves the clean references too is no trigger
             loss = loss + sum(_loss(r, weights, batch, source) for r in references) / len(references)
         optimizer.zero_grad()
         loss.backward()

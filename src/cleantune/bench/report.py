@@ -303,12 +303,12 @@ def population_lines(scan: ScanSection, scanned: pd.DataFrame, prefix: str) -> l
 
 def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[str]:
     """One reading's results: its population measures, then each model's scan beside what was planted."""
-    if f"{prefix}score" not in done:
-        return []
-    scanned = done[done[f"{prefix}score"].notna()]
     settings = ", ".join(f"{k} {v}" for k, v in scan.readings()[prefix].items()) or "defaults"
     name = prefix.removeprefix("scan_").strip("_") or "main reading"
     parts = [f"### {name} (settings: {settings})", ""]
+    if f"{prefix}score" not in done:
+        return [*parts, "Not run yet.", ""]
+    scanned = done[done[f"{prefix}score"].notna()]
     if scan.population:
         parts += population_lines(scan, scanned, prefix)
     parts += [
