@@ -223,7 +223,7 @@ def scan(
     out: Annotated[Path, typer.Option(help="Where the result goes (JSON).")],
     threshold: Annotated[
         float | None,
-        typer.Option(help="Flip rate (%) that means backdoored, measured on clean models of the same task."),
+        typer.Option(help="Score (%) that means backdoored, measured on clean models of the same task."),
     ] = None,
     reference: ReferenceOpt = None,
     set_: SetOpt = None,

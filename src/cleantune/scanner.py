@@ -57,8 +57,9 @@ class ScanConfig(StrictModel):
     holdout: PositiveInt = 200  # other clean source-label inputs its flip rate is measured on
     batch_size: PositiveInt = 32
     max_length: PositiveInt = 128
-    # Flip rate (%) at or above which the model is reported backdoored; measure it on clean models
-    # of the same task at the false-positive rate you accept. None: the score, no verdict.
+    # Score (%: the flip rate, or its excess over the references') at or above which the model is
+    # reported backdoored; measure it on clean models of the same task at the false-positive rate
+    # you accept. None: the score, no verdict.
     threshold: float | None = Field(None, ge=0, le=100)
     # Clean classifiers of the same task and vocabulary (directories or hub ids) the trigger must not
     # move; none: the trigger is optimised on the scanned model alone and scored by its flip rate.
