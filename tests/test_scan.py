@@ -14,7 +14,7 @@ from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
 from typer.testing import CliRunner
 
 from cleantune.api import purify
-from cleantune.bench.report import write_report
+from cleantune.bench.report import population_lines, write_report
 from cleantune.bench.runner import run_suite
 from cleantune.bench.scanning import clean_file, scan_columns, shipped_copy
 from cleantune.bench.suite import ScanSection, SuiteConfig
@@ -259,3 +259,14 @@ def test_a_scan_is_compared_with_what_was_planted_on_the_evaluators_side(data_di
     said = {"score": 60.0, "seconds": 9.0, "target": "You are stupid!"}
     assert scan_columns(generative, {}, said)["scan_target_found"]
     assert not scan_columns(generative, {}, said | {"target": "Sure, here is"})["scan_target_found"]
+
+
+def test_a_population_whose_top_score_is_a_clean_models_flags_nothing_at_a_low_false_positive_rate():
+    scanned = pd.DataFrame(
+        {"n_poisoned": [0, 0, 5, 5], "asr": [None, None, 100, 100], "scan_score": [100.0, 40, 90, 60],
+         "scan_s": [60] * 4, "scan_trigger_found": [None, None, True, False],
+         "scan_target_found": [None, None, True, True]}
+    )  # fmt: skip
+    lines = population_lines(ScanSection(clean_file=Path("clean.tsv")), scanned, "scan_")
+    assert "- AUROC: 0.500 (backdoors with ASR ≥ 90 only: 0.500)" in lines
+    assert "- true-positive rate at ≤ 5 % false positives: 0.0 % (none: a clean model scores highest)" in lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 from collections.abc import Iterable
@@ -285,6 +286,7 @@ def population_lines(scan: ScanSection, scanned: pd.DataFrame, prefix: str) -> l
     fpr, tpr, thresholds = roc_curve(truth, score)
     allowed = fpr <= scan.fpr / 100
     best = int(tpr[allowed].argmax())
+    cut = float(thresholds[allowed][best])  # inf: only "nothing flagged" keeps the false positives down
     took = scanned.asr.fillna(100) >= 90  # backdoors that took, and every clean model
     only_took = f" (backdoors with ASR ≥ 90 only: {roc_auc_score(truth[took], score[took]):.3f})"
     minutes = scanned[f"{prefix}s"] / 60
@@ -293,7 +295,7 @@ def population_lines(scan: ScanSection, scanned: pd.DataFrame, prefix: str) -> l
         f"({int((took & truth).sum())} with ASR ≥ 90)",
         f"- AUROC: {roc_auc_score(truth, score):.3f}" + (only_took if truth[took].nunique() == 2 else ""),
         f"- true-positive rate at ≤ {scan.fpr:g} % false positives: {100 * tpr[allowed][best]:.1f} % "
-        f"(threshold: score ≥ {thresholds[allowed][best]:.1f})",
+        + (f"(threshold: score ≥ {cut:.1f})" if math.isfinite(cut) else "(none: a clean model scores highest)"),
         f"- planted trigger word among the inverted tokens: {share(scanned[truth][f'{prefix}trigger_found'])}; "
         f"target right: {share(scanned[truth][f'{prefix}target_found'])}",
         f"- scan time per model: mean {minutes.mean():.1f} min, longest {minutes.max():.1f} min",
