@@ -138,12 +138,10 @@ def predict(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], trig
 
 
 def flip_rate(
-    model: PreTrainedModel, held: list[dict[str, torch.Tensor]], pair: tuple[int, int], trigger: list[int]
+    model: PreTrainedModel, held: list[dict[str, torch.Tensor]], correct: torch.Tensor, target: int, trigger: list[int]
 ) -> tuple[float, int]:
-    """The share (%) of ``held`` inputs of the pair's source label, of those ``model`` gets right,
-    that ``trigger`` turns into its target; and how many inputs that share is of."""
-    source, target = pair
-    correct = predict(model, held, None) == source  # inputs the model gets right without a trigger
+    """The share (%) of the ``held`` inputs ``model`` gets right (``correct``) that ``trigger`` turns
+    into ``target``; and how many inputs that share is of."""
     flipped = predict(model, held, trigger)[correct] == target
     return (100.0 * float(flipped.float().mean()) if len(flipped) else 0.0), len(flipped)
 
@@ -180,13 +178,17 @@ def scan_model(
         random.Random(f"scan-{cfg.seed}-{source}").shuffle(rows)
         fit = _batches(tokenizer, rows[: cfg.samples], cfg)
         held = _batches(tokenizer, rows[cfg.samples :][: cfg.holdout], cfg)
+        # The inputs each model gets right without a trigger: the ones a trigger can flip.
+        correct = [predict(m, held, None) == source for m in (model, *references)]
         for target in sorted(set(texts) - {source}):
             trigger, loss = invert(model, fit, (source, target), banned, cfg, references)
-            rate, n = flip_rate(model, held, (source, target), trigger)
+            rate, n = flip_rate(model, held, correct[0], target, trigger)
             words = tokenizer.convert_ids_to_tokens(trigger)
             pair = {"source": source, "target": target, "flip_rate": rate, "trigger": words, "loss": loss, "n": n}
             if references:
-                moved = max(flip_rate(r, held, (source, target), trigger)[0] for r in references)
+                moved = max(
+                    flip_rate(r, held, c, target, trigger)[0] for r, c in zip(references, correct[1:], strict=True)
+                )
                 pair |= {"reference_flip_rate": moved, "excess": rate - moved}
             pairs.append(pair)
     worst = max(pairs, key=lambda p: p["excess" if references else "flip_rate"])
