@@ -155,7 +155,8 @@ def with_references(todo: list[Cell], everything: list[Cell], names: set[str]) -
 def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
     suite = load_suite(path)
     names = suite.scan.references() if suite.scan is not None else set()
-    todo = with_references(select(cells(suite), only), cells(suite), names)
+    every = cells(suite)  # each config validated once
+    todo = with_references(select(every, only), every, names)
     references: dict[str, Path | None] = {}
     out = results_path(suite)
     summary = {"done": 0, "failed": 0, "skipped": 0}
