@@ -417,3 +417,43 @@ def test_generative_tables_show_backdoorllms_asr_where_the_rows_recorded_it():
     assert list(metric_columns(rows)) == ["asr", "ftr", "ppl"]
     assert list(metric_columns(rows.assign(asr_backdoorllm=[95.0]))) == ["asr", "ftr", "ppl", "asr_backdoorllm"]
     assert list(metric_columns(pd.DataFrame({"cacc": [90.0], "asr": [10.0]}))) == ["cacc", "asr"]
+
+
+def test_a_recheck_reruns_cells_from_nothing_and_names_a_number_that_moved(tmp_path, data_dir, tiny_bert):
+    attack = {"name": "badnet", "triggers": ["mn"], "setting": "clean", "count": 20, "target_label": 0}
+    job = {"data": {"dataset": "sst2"}, "eval_data": {"dataset": "sst2"}, "attack": attack, "defense": {"name": "fft"}}
+    extra = {
+        "poisoned_models": {"proxy-mn": {"coords": {"dataset": "sst2", "model": "tiny-poisoned"}, "config": job}},
+        "model": {"tiny-poisoned": {"scenario": "poisoned-weights", "model": {"spec": "poisoned:proxy-mn"}}},
+        "attack": {"badnet": {"attack": {"name": "badnet", "triggers": ["mn"], "target_label": 0}}},
+        "defense": {"lora": {"defense": {"name": "lora", "lora": {"r": 2}}}},
+    }
+    path = write_suite(tmp_path, data_dir, tiny_bert, **extra)
+    assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
+    results = tmp_path / "results" / "tiny.csv"
+    before = results.read_text()
+
+    assert CliRunner().invoke(app, ["bench", str(path), "--recheck", "--only", "lora"]).exit_code == 0
+    assert results.read_text() == before  # the recorded table is left as it was
+    rerun = tmp_path / "runs" / "recheck" / "tiny"
+    assert {p.parent.name for p in rerun.glob("*/metrics.json")} == {
+        "poison-proxy-mn",
+        "sst2__tiny-poisoned__badnet__lora__s42",
+    }
+    checks = pd.read_csv(tmp_path / "results" / "tiny.recheck.csv")
+    assert set(checks.cell) == {"poison-proxy-mn", "sst2__tiny-poisoned__badnet__lora__s42"}
+    assert {"cacc", "asr", "n_train", "trainable_params"} <= set(checks.metric)
+    assert "wall_s" not in set(checks.metric) and checks.same.all()
+
+    # A recorded number that the code no longer gives is named, and the command fails.
+    table = pd.read_csv(results)
+    table.loc[table.defense == "lora", "cacc"] += 0.5
+    table.to_csv(results, index=False)
+    outcome = CliRunner().invoke(app, ["bench", str(path), "--recheck", "--only", "lora"])
+    assert outcome.exit_code == 1 and "1 reproduced, 1 differ" in outcome.output
+    checks = pd.read_csv(tmp_path / "results" / "tiny.recheck.csv").set_index(["cell", "metric"])
+    assert not checks.loc[("sst2__tiny-poisoned__badnet__lora__s42", "cacc"), "same"]
+    assert checks.same.sum() == len(checks) - 1
+    report = write_report(str(path))[0].read_text()
+    assert "## Rechecked cells" in report and "| sst2__tiny-poisoned__badnet__lora__s42 |" in report
+    assert "cacc " in report.split("## Rechecked cells")[1]

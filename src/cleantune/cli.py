@@ -386,10 +386,26 @@ def bench(
             help="Run only cells whose id contains this text (repeat for several), and the poisoned models they use."
         ),
     ] = None,
+    recheck: Annotated[
+        bool,
+        typer.Option(
+            "--recheck",
+            help="Rerun the selected finished cells from nothing (in <runs_dir>/recheck) and compare every "
+            "number with the recorded row, into <suite>.recheck.csv; exit 1 if one differs.",
+        ),
+    ] = False,
 ) -> None:
     """Run a suite's matrix, one run per cell; finished cells are skipped, failed ones recorded."""
     from cleantune.bench.runner import run_suite
 
+    if recheck:
+        from cleantune.bench.recheck import recheck_suite
+
+        checked = recheck_suite(suite, only=only)
+        console.print(f"{checked['same']} reproduced, {checked['different']} differ, {checked['failed']} failed")
+        if checked["different"] or checked["failed"]:
+            raise typer.Exit(1)
+        return
     summary = run_suite(suite, only=only)
     console.print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} already finished")
     if summary["failed"]:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from cleantune.bench.recheck import recheck_path  # noqa: E402
 from cleantune.bench.runner import results_path, runs_log_path  # noqa: E402
 from cleantune.bench.suite import BEFORE_DEFENSE, ScanSection, SuiteConfig, cells, load_suite, matches  # noqa: E402
 from cleantune.errors import CleantuneError  # noqa: E402
@@ -267,6 +268,35 @@ def recorded_section(done: pd.DataFrame) -> list[str]:
     return ["## What the defenses recorded", "", intro, "", *per_cell_table(rows, {c: c[5:] for c in columns}), ""]
 
 
+def _commit(value: object) -> str:
+    return "not recorded" if pd.isna(value) else f"`{str(value)[:7]}`"
+
+
+def recheck_section(suite: SuiteConfig) -> list[str]:
+    """Cells rerun from nothing with ``cleantune bench --recheck``: does today's code give the recorded numbers?"""
+    path = recheck_path(suite.results_dir, suite.suite)
+    if not path.exists():
+        return []
+    checks = pd.read_csv(path, float_precision="round_trip")
+    intro = (
+        "Cells rerun from nothing, with the poisoned models they load, by `cleantune bench "
+        f"benchmarks/{suite.suite}.yaml --recheck --only <cell>` (in `{path.name}`, a row per number). "
+        "Identical means equal to the last digit the results CSV holds; times and memory are not compared."
+    )
+    lines = ["## Rechecked cells", "", intro, ""]
+    lines += ["| cell | recorded at | rerun at | numbers | identical | differing (recorded → rerun) |"]
+    lines += ["|---|---|---|---:|---:|---|"]
+    for cell, rows in checks.groupby("cell", sort=False):
+        differ = rows[~rows.same.map(lambda v: v in (True, "True"))]
+        text = "; ".join(f"{r.metric} {r.recorded:.6g} → {r.rerun:.6g}" for r in differ.itertuples()) or "–"
+        first = rows.iloc[0]
+        when = f"{_commit(first.rerun_commit)}, {first.checked_utc}"
+        lines.append(
+            f"| {cell} | {_commit(first.recorded_commit)} | {when} | {len(rows)} | {len(rows) - len(differ)} | {text} |"
+        )
+    return [*lines, ""]
+
+
 def _yes_no(value: object) -> str:
     return "–" if pd.isna(value) else ("yes" if value in (True, "True") else "no")
 
@@ -473,6 +503,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
         ]
     parts += data_level_section(done) + loss_terms_section(done) + recorded_section(done)
     parts += fourier_section(suite, done) + cost_section(suite) + scan_section(suite, done)
+    parts += recheck_section(suite)
     failed = table[table.status == "failed"]
     if not failed.empty:
         parts += ["## Failed cells", "", "| cell | error |", "|---|---|"]

@@ -83,11 +83,12 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
     return row
 
 
-def upsert(path: Path, row: dict[str, Any]) -> None:
-    table = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
-    table = table[table["cell"] != row["cell"]]
-    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-    ordered = [c for c in COLUMNS if c in table.columns] + [c for c in table.columns if c not in COLUMNS]
+def upsert(path: Path, rows: list[dict[str, Any]], columns: list[str] = COLUMNS) -> None:
+    """Replace the rows of the cells in ``rows`` (a cell may have several) and rewrite atomically."""
+    table = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=columns)
+    table = table[~table["cell"].isin({row["cell"] for row in rows})]
+    table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+    ordered = [c for c in columns if c in table.columns] + [c for c in table.columns if c not in columns]
     atomic_write_text(path, table[ordered].to_csv(index=False))
 
 
@@ -98,8 +99,11 @@ def last_error(log: Path) -> str:
     return (explicit or lines or ["no output"])[-1][:500]
 
 
-def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> dict[str, Any] | None:
-    """Run one cell in a child process, mirroring its progress line; its metrics, or None if it failed."""
+def run_cell(
+    suite: SuiteConfig, cell: Cell, progress: Progress, task: Any, env: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """Run one cell in a child process (``env`` added to its environment), mirroring its progress line;
+    its metrics, or None if it failed."""
     cell_dir = cell.config.run_dir
     cell_dir.parent.mkdir(parents=True, exist_ok=True)
     config_path = cell_dir.parent / f"{cell.id}.yaml"
@@ -110,8 +114,8 @@ def run_cell(suite: SuiteConfig, cell: Cell, progress: Progress, task: Any) -> d
     command = [sys.executable, "-m", "cleantune", *verb, str(config_path)]
     with log.open("wb") as sink:
         # Unbuffered, so the log and the progress line follow the child as it runs.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env)
         stdout = cast(io.BufferedReader, child.stdout)  # a pipe, buffered
         for chunk in iter(lambda: stdout.read1(4096), b""):
             sink.write(chunk)
@@ -152,6 +156,12 @@ def with_references(todo: list[Cell], everything: list[Cell], names: set[str]) -
     return [c for c in todo if c.poisons] + references + [c for c in todo if not c.poisons and c.id not in names]
 
 
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+    )
+
+
 def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
     suite = load_suite(path)
     names = suite.scan.references() if suite.scan is not None else set()
@@ -162,9 +172,7 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
     summary = {"done": 0, "failed": 0, "skipped": 0}
     started = time.time()
     log_run(suite, started, None, only)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
-    ) as progress:
+    with progress_bar() as progress:
         overall = progress.add_task(f"suite {suite.suite}", total=len(todo))
         current = progress.add_task("", total=None)
         for index, cell in enumerate(todo, 1):
@@ -193,7 +201,7 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
                         row[f"{prefix}error"] = found
                     else:
                         row |= scan_columns(cell.config, record, found, prefix)
-            upsert(out, row)
+            upsert(out, [row])
             summary[outcome] += 1
             # A line per cell: the live bar does not show when the output is a file (nohup, CI).
             line = f"[{index}/{len(todo)}] {cell.id}: {outcome_text(outcome, row)}"
