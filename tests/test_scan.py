@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
 from typer.testing import CliRunner
@@ -21,7 +22,7 @@ from cleantune.bench.suite import ScanSection, SuiteConfig
 from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
-from cleantune.scanner import ScanConfig, TargetInversionConfig, scan
+from cleantune.scanner import ScanConfig, TargetInversionConfig, kept_term, scan
 
 FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
 
@@ -78,9 +79,12 @@ def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(planted, un
     assert not set(unplanted["trigger"]) & set(TRIGGERS)
 
 
-@pytest.mark.parametrize("objective", [True, False])
-def test_a_clean_reference_leaves_the_trigger_and_cancels_what_moves_it_too(planted, unplanted, strong_data, objective):
-    against = FAST.model_copy(update={"reference": [unplanted["product"]], "reference_objective": objective})
+@pytest.mark.parametrize(("objective", "clamp"), [(True, False), (True, True), (False, False)])
+def test_a_clean_reference_leaves_the_trigger_and_cancels_what_moves_it_too(
+    planted, unplanted, strong_data, objective, clamp
+):
+    update = {"reference": [unplanted["product"]], "reference_objective": objective, "reference_clamp": clamp}
+    against = FAST.model_copy(update=update)
     found = scan(planted["product"], strong_data / "clean.tsv", None, against)
     pair = next(p for p in found["pairs"] if (p["source"], p["target"]) == (0, 1))
     assert pair["flip_rate"] >= 90 and pair["reference_flip_rate"] <= 10  # what it found moves the planted model alone
@@ -88,6 +92,14 @@ def test_a_clean_reference_leaves_the_trigger_and_cancels_what_moves_it_too(plan
     assert objective or found["trigger"] == ["mn"]  # alone, the scanned model gives the planted word
     itself = against.model_copy(update={"reference": [planted["product"]]})  # all it moves moves the reference
     assert scan(planted["product"], strong_data / "clean.tsv", None, itself)["score"] == 0
+
+
+def test_a_clamped_reference_term_counts_only_what_the_trigger_adds_to_its_loss():
+    losses, floor = torch.tensor([0.1, 0.9]), torch.tensor([0.5, 0.5])
+    assert kept_term(losses, None).item() == pytest.approx(0.5)  # unclamped: 0.1 rewards the trigger
+    assert kept_term(losses, floor).item() == pytest.approx(0.2)  # clamped: only the 0.4 it adds
+    with pytest.raises(ValueError, match="reference_clamp goes with reference_objective"):
+        ScanConfig(reference_objective=False, reference_clamp=True)
 
 
 def test_a_reference_with_another_vocabulary_is_refused_with_one_line(planted, strong_data, tiny_chat_llama, tmp_path):

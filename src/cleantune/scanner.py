@@ -15,7 +15,8 @@ models of the same task: without one the scan reports its score and no verdict.
 Ordinary label words move every model of the task; a backdoor's trigger moves only its own. Given
 clean reference models of the same task and vocabulary (trusted ones: trained by the defender on
 clean data), the scan looks for that difference: the relaxed trigger is optimised to turn the
-scanned model to the target while each reference keeps the source label (or, with
+scanned model to the target while each reference keeps the source label (with ``reference_clamp``,
+while no reference moves further from the source than it is without a trigger; with
 ``reference_objective`` off, on the scanned model alone), and a pair's score is the share of
 held-out inputs its trigger flips in the scanned model less the share it flips in the reference it
 flips most.
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -67,7 +68,16 @@ class ScanConfig(StrictModel):
     # Whether the references enter the trigger's optimisation (True) or only its score (False: the
     # trigger is the one the scanned model alone gives, then discounted by what it does to them).
     reference_objective: bool = True
+    # With the references in the optimisation: count only what the trigger adds to a reference's
+    # trigger-free loss, so a word that pushes a reference further towards the source earns nothing.
+    reference_clamp: bool = False
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _clamp_needs_objective(self) -> ScanConfig:
+        if self.reference_clamp and not self.reference_objective:
+            raise ValueError("reference_clamp goes with reference_objective: true")
+        return self
 
 
 def _encoder_only(model: PreTrainedModel) -> None:
@@ -84,13 +94,23 @@ def _with_trigger(ids: torch.Tensor, mask: torch.Tensor, trigger: torch.Tensor) 
     return inserted, torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
 
 
-def _loss(model: PreTrainedModel, weights: torch.Tensor, batch: dict[str, torch.Tensor], label: int) -> torch.Tensor:
-    """Cross-entropy towards ``label`` of ``batch`` with the relaxed trigger ``weights`` (slots,
-    vocabulary) inserted, read through ``model``'s own embeddings."""
+def _loss(
+    model: PreTrainedModel, weights: torch.Tensor | None, batch: dict[str, torch.Tensor], label: int
+) -> torch.Tensor:
+    """Cross-entropy towards ``label`` of each input of ``batch`` with the relaxed trigger ``weights``
+    (slots, vocabulary) inserted, read through ``model``'s own embeddings; None: without a trigger."""
     lookup = cast(nn.Embedding, model.get_input_embeddings())
-    embeds, mask = _with_trigger(lookup(batch["input_ids"]), batch["attention_mask"], weights @ lookup.weight)
+    embeds, mask = lookup(batch["input_ids"]), batch["attention_mask"]
+    if weights is not None:
+        embeds, mask = _with_trigger(embeds, mask, weights @ lookup.weight)
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits
-    return F.cross_entropy(logits, torch.full((embeds.shape[0],), label))
+    return F.cross_entropy(logits, torch.full((embeds.shape[0],), label), reduction="none")
+
+
+def kept_term(losses: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
+    """A reference's part of the objective: its loss towards the source with the trigger, or (clamped
+    at its trigger-free ``floor``) only what the trigger adds to that loss."""
+    return (losses if floor is None else F.relu(losses - floor)).mean()
 
 
 def invert(
@@ -113,13 +133,21 @@ def invert(
     optimizer = torch.optim.Adam([logits], lr=cfg.lr)
     start, end = cfg.temperature
     loss = torch.tensor(0.0)
-    steps = tqdm(zip(range(cfg.steps), itertools.cycle(batches)), total=cfg.steps, desc=f"scan: to label {target}")
-    for step, batch in steps:
+    guarded = references if cfg.reference_objective else []  # what moves the clean references too is no trigger
+    with torch.no_grad():
+        floors = [[_loss(r, None, b, source) if cfg.reference_clamp else None for b in batches] for r in guarded]
+    steps = tqdm(
+        zip(range(cfg.steps), itertools.cycle(enumerate(batches))), total=cfg.steps, desc=f"scan: to label {target}"
+    )
+    for step, (index, batch) in steps:
         temperature = start * (end / start) ** (step / max(1, cfg.steps - 1))
         weights = F.softmax((logits + forbidden) / temperature, dim=-1)  # (slots, vocabulary)
-        loss = _loss(model, weights, batch, target)
-        if references and cfg.reference_objective:  # what moves the clean references too is no trigger
-            loss = loss + sum(_loss(r, weights, batch, source) for r in references) / len(references)
+        loss = _loss(model, weights, batch, target).mean()
+        if guarded:
+            terms = [
+                kept_term(_loss(r, weights, batch, source), f[index]) for r, f in zip(guarded, floors, strict=True)
+            ]
+            loss = loss + sum(terms) / len(terms)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
