@@ -429,7 +429,11 @@ def test_a_recheck_reruns_cells_from_nothing_and_names_a_number_that_moved(tmp_p
         "defense": {"lora": {"defense": {"name": "lora", "lora": {"r": 2}}}},
     }
     path = write_suite(tmp_path, data_dir, tiny_bert, **extra)
+    unrun = CliRunner().invoke(app, ["bench", str(path), "--recheck"])
+    assert unrun.exit_code == 2 and "tiny.csv: no recorded results to recheck" in unrun.output
     assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
+    unmatched = CliRunner().invoke(app, ["bench", str(path), "--recheck", "--only", "no-such-cell"])
+    assert unmatched.exit_code == 2 and "no finished cell recorded" in unmatched.output
     results = tmp_path / "results" / "tiny.csv"
     before = results.read_text()
 

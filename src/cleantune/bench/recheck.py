@@ -69,6 +69,8 @@ def recheck_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
     recorded = recorded_rows(results_path(suite))
     scratch = suite.model_copy(update={"runs_dir": suite.runs_dir / "recheck"})
     todo = select(cells(scratch), only)
+    if not any(cell.id in recorded for cell in todo):
+        raise CleantuneError(f"suite {suite.suite}: no finished cell recorded in {results_path(suite)} to recheck")
     out = recheck_path(suite.results_dir, suite.suite)
     summary = {"same": 0, "different": 0, "failed": 0}
     with progress_bar() as progress:
