@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cleantune.api import purify
 from cleantune.bench.report import population_lines, write_report
 from cleantune.bench.runner import run_suite
-from cleantune.bench.scanning import clean_file, scan_columns, shipped_copy
+from cleantune.bench.scanning import clean_file, reusable, scan_columns, shipped_copy
 from cleantune.bench.suite import ScanSection, SuiteConfig
 from cleantune.cli import app
 from cleantune.config import validate
@@ -92,6 +92,18 @@ def test_a_clean_reference_leaves_the_trigger_and_cancels_what_moves_it_too(
     assert objective or found["trigger"] == ["mn"]  # alone, the scanned model gives the planted word
     itself = against.model_copy(update={"reference": [planted["product"]]})  # all it moves moves the reference
     assert scan(planted["product"], strong_data / "clean.tsv", None, itself)["score"] == 0
+
+
+def test_a_saved_scan_is_reused_only_under_the_same_settings_defaults_included(tiny_bert, tmp_path):
+    view, data = tmp_path / "view", tmp_path / "clean.tsv"
+    saved = {"model": str(view), "clean_data": str(data), "config": ScanConfig(steps=100).model_dump(mode="json")}
+    assert reusable(saved, {"steps": 100}, tiny_bert, view, data)
+    assert not reusable(saved, {"steps": 100, "tokens": 1}, tiny_bert, view, data)
+    assert not reusable(saved | {"clean_data": "other.tsv"}, {"steps": 100}, tiny_bert, view, data)
+    moved = saved | {"config": saved["config"] | {"tokens": 5}}  # made when the default was another
+    assert not reusable(moved, {"steps": 100}, tiny_bert, view, data)
+    older = saved | {"config": {k: v for k, v in saved["config"].items() if k != "reference_clamp"}}
+    assert reusable(older, {"steps": 100}, tiny_bert, view, data)  # predates a setting: made at its default
 
 
 def test_a_clamped_reference_term_counts_only_what_the_trigger_adds_to_its_loss():

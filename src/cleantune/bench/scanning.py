@@ -59,10 +59,15 @@ def shipped_copy(product: Path, view: Path) -> Path:
     return view
 
 
-def reusable(found: dict[str, Any] | None, settings: dict[str, Any], view: Path, data: Path) -> bool:
+def reusable(found: dict[str, Any] | None, settings: dict[str, Any], product: Path, view: Path, data: Path) -> bool:
+    """Whether a saved scan was made of this model and clean data with these settings, defaults included
+    (a changed default is a changed scan). A setting the saved scan predates counts at its default."""
+    from cleantune.scanner import settings_for  # torch: only when a suite scans
+
     if found is None or found.get("model") != str(view) or found.get("clean_data") != str(data):
         return False
-    return all(found["config"].get(key) == value for key, value in settings.items())
+    resolved = settings_for(product, settings).model_dump(mode="json")
+    return all(found["config"].get(key, value) == value for key, value in resolved.items())
 
 
 def run_scan(
@@ -81,7 +86,7 @@ def run_scan(
     if named:
         settings = settings | {"reference": [str(references.get(r) or r) for r in named]}
     found = read_json(out) if out.exists() else None
-    if reusable(found, settings, view, data):
+    if reusable(found, settings, product, view, data):
         return found or {}
     sets = [item for key, value in settings.items() for item in ("--set", f"{key}={json.dumps(value)}")]
     command = [sys.executable, "-m", "cleantune", "scan", str(view), "--clean-data", str(data), "--out", str(out)]
