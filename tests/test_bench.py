@@ -10,7 +10,7 @@ import yaml
 from conftest import kill_cleantune_when
 from typer.testing import CliRunner
 
-from cleantune.bench.report import cost_table, metric_columns, write_report
+from cleantune.bench.report import cost_table, digits_apart, metric_columns, write_report
 from cleantune.bench.runner import row_for, run_suite, select
 from cleantune.bench.suite import cells, dump, load_suite
 from cleantune.cli import app
@@ -461,3 +461,5 @@ def test_a_recheck_reruns_cells_from_nothing_and_names_a_number_that_moved(tmp_p
     report = write_report(str(path))[0].read_text()
     assert "## Rechecked cells" in report and "| sst2__tiny-poisoned__badnet__lora__s42 |" in report
     assert "cacc " in report.split("## Rechecked cells")[1]
+    assert digits_apart(0.5447408556938171, 0.5447413921356201) == "0.5447408556938171 → 0.5447413921356201"
+    assert digits_apart(52.5, 77.0) == "52.5 → 77"

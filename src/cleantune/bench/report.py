@@ -272,6 +272,12 @@ def _commit(value: object) -> str:
     return "not recorded" if pd.isna(value) else f"`{str(value)[:7]}`"
 
 
+def digits_apart(recorded: float, rerun: float) -> str:
+    """Two numbers that differ, to as many digits as it takes to see it."""
+    short = f"{recorded:.6g} → {rerun:.6g}"
+    return short if f"{recorded:.6g}" != f"{rerun:.6g}" else f"{recorded!r} → {rerun!r}"
+
+
 def recheck_section(suite: SuiteConfig) -> list[str]:
     """Cells rerun from nothing with ``cleantune bench --recheck``: does today's code give the recorded numbers?"""
     path = recheck_path(suite.results_dir, suite.suite)
@@ -288,7 +294,7 @@ def recheck_section(suite: SuiteConfig) -> list[str]:
     lines += ["|---|---|---|---:|---:|---|"]
     for cell, rows in checks.groupby("cell", sort=False):
         differ = rows[~rows.same.map(lambda v: v in (True, "True"))]
-        text = "; ".join(f"{r.metric} {r.recorded:.6g} → {r.rerun:.6g}" for r in differ.itertuples()) or "–"
+        text = "; ".join(f"{r.metric} {digits_apart(r.recorded, r.rerun)}" for r in differ.itertuples()) or "–"
         first = rows.iloc[0]
         when = f"{_commit(first.rerun_commit)}, {first.checked_utc}"
         lines.append(
