@@ -11,7 +11,6 @@ rerun's, whether they are equal to the last digit the CSV holds, and both commit
 from __future__ import annotations
 
 import math
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ def equal(recorded: float, rerun: float) -> bool:
 
 
 def compared(recorded: dict[str, Any], rerun: dict[str, Any]) -> list[dict[str, Any]]:
-    """One entry per number both rows hold (a number only one of them has is reported as missing)."""
+    """One entry per number either row holds (one that only one of them has compares with NaN: not the same)."""
     keys = [k for k, v in recorded.items() if comparable(k, v) and not math.isnan(v)]
     keys += [k for k, v in rerun.items() if comparable(k, v) and k not in keys and not math.isnan(v)]
     out = []
@@ -73,12 +72,12 @@ def recheck_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
         raise CleantuneError(f"suite {suite.suite}: no finished cell recorded in {results_path(suite)} to recheck")
     out = recheck_path(suite.results_dir, suite.suite)
     summary = {"same": 0, "different": 0, "failed": 0}
+    fresh = {"CLEANTUNE_CACHE": str((scratch.runs_dir / "cache").resolve())}
     with progress_bar() as progress:
         overall = progress.add_task(f"recheck {suite.suite}", total=len(todo))
         current = progress.add_task("", total=None)
         for index, cell in enumerate(todo, 1):
             done = cell.config.run_dir / "metrics.json"  # an interrupted recheck keeps what it finished
-            fresh = {"CLEANTUNE_CACHE": str((scratch.runs_dir / "cache").resolve())}
             record = read_json(done) if done.exists() else run_cell(scratch, cell, progress, current, fresh)
             progress.advance(overall)
             if cell.id not in recorded:
@@ -94,7 +93,7 @@ def recheck_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
 
 def report_cell(out: Path, suite: str, recorded: dict[str, Any], rerun: dict[str, Any], summary: dict[str, int]) -> str:
     """Record one cell's comparison; the line the console shows for it."""
-    stamp = datetime.fromtimestamp(time.time(), tz=UTC).isoformat(timespec="seconds")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     common = {"suite": suite, "cell": rerun["cell"], "recorded_commit": recorded.get("commit")}
     common |= {"rerun_commit": rerun.get("commit"), "checked_utc": stamp}
     rows = [common | entry for entry in compared(recorded, rerun)]
