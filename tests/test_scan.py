@@ -22,6 +22,7 @@ from cleantune.bench.suite import ScanSection, SuiteConfig
 from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
+from cleantune.errors import CleantuneError
 from cleantune.scanner import ScanConfig, TargetInversionConfig, kept_term, scan
 
 FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
@@ -294,3 +295,28 @@ def test_a_population_whose_top_score_is_a_clean_models_flags_nothing_at_a_low_f
     lines = population_lines(ScanSection(clean_file=Path("clean.tsv")), scanned, "scan_")
     assert "- AUROC: 0.500 (backdoors with ASR ≥ 90 only: 0.500)" in lines
     assert "- true-positive rate at ≤ 5 % false positives: 0.0 % (none: a clean model scores highest)" in lines
+
+
+def test_a_suite_scans_only_the_cells_its_scan_section_names(strong_data, tiny_bert, tmp_path):
+    suite = {
+        "suite": "some", "data_dir": str(strong_data),
+        **{f"{kind}_dir": str(tmp_path / kind) for kind in ("runs", "results", "reports")},
+        "base": {"model": {"spec": str(tiny_bert), "max_length": 32}, "train": {"epochs": 1, "batch_size": 16}},
+        "dataset": {"sst2": {"data": {"dataset": "sst2", "max_train": 64}}},
+        "model": {"tiny": {}},
+        "attack": {"clean": {"attack": {"name": "none"}}},
+        "defense": {"fft": {"defense": {"name": "fft"}}, "lora": {"defense": {"name": "lora", "lora": {"r": 2}}}},
+        "scan": {
+            "clean_file": str(strong_data / "clean.tsv"), "cells": ["__fft__"],
+            "settings": FAST.model_dump(mode="json", exclude={"threshold"}),
+        },
+    }  # fmt: skip
+    path = tmp_path / "some.yaml"
+    path.write_text(yaml.safe_dump({**suite, "scan": {**suite["scan"], "cells": ["__fft", "__ffft__"]}}))
+    with pytest.raises(CleantuneError, match="scan.cells '__ffft__' names no cell of the suite"):
+        run_suite(path)
+    path.write_text(yaml.safe_dump(suite))
+    assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
+    table = pd.read_csv(tmp_path / "results" / "some.csv").set_index("defense")
+    assert table.loc["fft", "scan_score"] >= 0 and pd.isna(table.loc["lora", "scan_score"])
+    assert not (tmp_path / "runs" / "some" / "sst2__tiny__clean__lora__s42" / "scan.json").exists()

@@ -193,8 +193,8 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
             product = record.get("product") if record else None
             if cell.id in names:
                 references[cell.id] = Path(product) if product else None
-            elif record is not None and product:
-                for prefix in suite.scan.readings() if suite.scan is not None else {}:
+            elif record is not None and product and suite.scan is not None and suite.scan.scans(cell.id):
+                for prefix in suite.scan.readings():
                     progress.update(current, description=f"{cell.id}: scanning ({prefix.strip('_')})")
                     found = run_scan(suite, prefix, cell, Path(product), references)
                     if isinstance(found, str):

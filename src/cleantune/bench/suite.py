@@ -80,10 +80,16 @@ class ScanSection(StrictModel):
     # false-positive rate (%).
     population: bool = False
     fpr: float = Field(5.0, gt=0, lt=100)
+    # Scan only the cells whose id contains one of these texts (as ``--only`` selects); none: every cell.
+    # A scan at the default settings costs about as much as a MiniLM row: ablation rows may go without.
+    cells: list[str] = Field(default_factory=list)
 
     def readings(self) -> dict[str, Fragment]:
         """Each reading's column prefix and its full settings: the main one first."""
         return {"scan_": self.settings} | {f"scan_{n}_": {**self.settings, **v} for n, v in self.variants.items()}
+
+    def scans(self, cell_id: str) -> bool:
+        return not self.cells or any(text in cell_id for text in self.cells)
 
     def references(self) -> set[str]:
         """What the readings name as clean reference models (``reference``): this suite's cells among
@@ -235,6 +241,9 @@ def cells(suite: SuiteConfig) -> list[Cell]:
                     tree = merge(tree, rule.set)
             tree = _with_paths(suite, merge(tree, {"seed": seed}), cell_id)
             out.append(Cell(cell_id, coords, validate(tree, f"{suite.suite}:{cell_id}")))
+    unmatched = [t for t in (suite.scan.cells if suite.scan else []) if not any(t in c.id for c in out)]
+    if unmatched:
+        raise CleantuneError(f"suite {suite.suite}: scan.cells '{unmatched[0]}' names no cell of the suite")
     return out
 
 
