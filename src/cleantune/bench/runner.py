@@ -23,7 +23,7 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cleantune.bench.scanning import run_scan, scan_columns
-from cleantune.bench.suite import Cell, SuiteConfig, cells, dump, load_suite
+from cleantune.bench.suite import Cell, SuiteConfig, cells, dump, load_suite, named
 from cleantune.config import RunConfig, made_differently
 from cleantune.io import atomic_write_text, read_json
 
@@ -143,7 +143,7 @@ def select(all_cells: list[Cell], only: list[str] | None) -> list[Cell]:
     """Cells whose id contains any text in ``only``, and the poisoned-model jobs those cells load."""
     if not only:
         return all_cells
-    chosen = [c for c in all_cells if not c.poisons and any(text in c.id for text in only)]
+    chosen = [c for c in all_cells if not c.poisons and named(c.id, only)]
     specs = {str(c.config.model.spec) for c in chosen}
     products = ("model", "adapter")  # a poisoned model, or the adapter of a generative injection
     jobs = [c for c in all_cells if c.poisons and any(str(c.config.run_dir / p) in specs for p in products)]

@@ -89,7 +89,7 @@ class ScanSection(StrictModel):
         return {"scan_": self.settings} | {f"scan_{n}_": {**self.settings, **v} for n, v in self.variants.items()}
 
     def scans(self, cell_id: str) -> bool:
-        return not self.cells or any(text in cell_id for text in self.cells)
+        return not self.cells or named(cell_id, self.cells)
 
     def references(self) -> set[str]:
         """What the readings name as clean reference models (``reference``): this suite's cells among
@@ -138,6 +138,11 @@ class Cell:
     coords: dict[str, Any]  # axis -> name, plus seed (and scenario, for a poisoning job)
     config: AnyRunConfig
     poisons: bool = False  # a weight-poisoning job rather than a defense run
+
+
+def named(cell_id: str, texts: list[str]) -> bool:
+    """Whether a cell is picked by texts such as ``--only`` gives: its id contains one of them."""
+    return any(text in cell_id for text in texts)
 
 
 def merge(base: Fragment, extra: Fragment) -> Fragment:
@@ -241,7 +246,7 @@ def cells(suite: SuiteConfig) -> list[Cell]:
                     tree = merge(tree, rule.set)
             tree = _with_paths(suite, merge(tree, {"seed": seed}), cell_id)
             out.append(Cell(cell_id, coords, validate(tree, f"{suite.suite}:{cell_id}")))
-    unmatched = [t for t in (suite.scan.cells if suite.scan else []) if not any(t in c.id for c in out)]
+    unmatched = [t for t in (suite.scan.cells if suite.scan else []) if not any(named(c.id, [t]) for c in out)]
     if unmatched:
         raise CleantuneError(f"suite {suite.suite}: scan.cells '{unmatched[0]}' names no cell of the suite")
     return out
