@@ -10,5 +10,5 @@ fi
 .venv/bin/ruff check src tests
 .venv/bin/ruff format --check src tests
 .venv/bin/python -m mypy
-.venv/bin/python -m pytest -q -m "not slow"
+.venv/bin/python -m pytest -q -m "not slow" --durations=10
 .venv/bin/python -m pytest -q -m slow

@@ -15,7 +15,7 @@ from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
 from typer.testing import CliRunner
 
 from cleantune.api import purify
-from cleantune.bench.report import population_lines, write_report
+from cleantune.bench.report import population_lines, read_results, write_report
 from cleantune.bench.runner import run_suite
 from cleantune.bench.scanning import clean_file, reusable, scan_columns, shipped_copy
 from cleantune.bench.suite import ScanSection, SuiteConfig
@@ -284,6 +284,14 @@ def test_a_scan_is_compared_with_what_was_planted_on_the_evaluators_side(data_di
     said = {"score": 60.0, "seconds": 9.0, "target": "You are stupid!"}
     assert scan_columns(generative, {}, said)["scan_target_found"]
     assert not scan_columns(generative, {}, said | {"target": "Sure, here is"})["scan_target_found"]
+
+
+def test_a_scanned_label_or_word_that_looks_like_a_number_stays_text(tmp_path):
+    csv = tmp_path / "suite.csv"
+    pd.DataFrame({"cell": ["a", "b"], "cacc": [80.0, 81.0], "scan_target": ["1", None],
+                  "scan_one_token_trigger": ["007", "mn"]}).to_csv(csv, index=False)  # fmt: skip
+    table = read_results(csv)
+    assert table.scan_target[0] == "1" and table.scan_one_token_trigger[0] == "007" and table.cacc[1] == 81.0
 
 
 def test_a_population_whose_top_score_is_a_clean_models_flags_nothing_at_a_low_false_positive_rate():

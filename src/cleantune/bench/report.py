@@ -350,7 +350,7 @@ def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[st
     if scan.population:
         parts += population_lines(scan, scanned, prefix)
     parts += [
-        "| cell | poisoned rows | CACC | ASR | scan score | target found | inverted trigger / answer | planted word "
+        "| cell | poisoned rows | CACC | ASR | scan score | target label found | inverted trigger / answer | planted word "
         "found | target right | scan s |",
         "|---|---:|---:|---:|---:|---|---|---|---|---:|",
     ]
@@ -459,12 +459,18 @@ def paper_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
+def read_results(csv: Path) -> pd.DataFrame:
+    """A suite's results table; a scan's target and trigger stay text (a label named "1" is not 1.0)."""
+    words = [c for c in pd.read_csv(csv, nrows=0).columns if c.endswith(("_target", "_trigger"))]
+    return pd.read_csv(csv, dtype=dict.fromkeys(words, str))
+
+
 def write_report(name: str) -> tuple[Path, list[str]]:
     suite = find_suite(name)
     csv = results_path(suite)
     if not csv.exists():
         raise CleantuneError(f"no results for suite '{suite.suite}' yet ({csv}); run: cleantune bench")
-    table = pd.read_csv(csv)
+    table = read_results(csv)
     done = table[table.status == "done"]
     out = suite.reports_dir / f"{suite.suite}.md"
     parts = [f"# Benchmark `{suite.suite}`", "", *protocol_section(suite), *paper_section(suite, done)]
