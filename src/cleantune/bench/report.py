@@ -350,8 +350,8 @@ def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[st
     if scan.population:
         parts += population_lines(scan, scanned, prefix)
     parts += [
-        "| cell | poisoned rows | CACC | ASR | scan score | target label found | inverted trigger / answer | planted word "
-        "found | target right | scan s |",
+        "| cell | poisoned rows | CACC | ASR | scan score | target label found | inverted trigger / answer "
+        "| planted word found | target right | scan s |",
         "|---|---:|---:|---:|---:|---|---|---|---|---:|",
     ]
     for r in scanned.to_dict("records"):
