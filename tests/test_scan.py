@@ -15,8 +15,8 @@ from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
 from typer.testing import CliRunner
 
 from cleantune.api import purify
-from cleantune.bench.report import population_lines, read_results, write_report
-from cleantune.bench.runner import run_suite
+from cleantune.bench.report import population_lines, write_report
+from cleantune.bench.runner import read_results, run_suite, upsert
 from cleantune.bench.scanning import clean_file, reusable, scan_columns, shipped_copy
 from cleantune.bench.suite import ScanSection, SuiteConfig
 from cleantune.cli import app
@@ -286,12 +286,15 @@ def test_a_scan_is_compared_with_what_was_planted_on_the_evaluators_side(data_di
     assert not scan_columns(generative, {}, said | {"target": "Sure, here is"})["scan_target_found"]
 
 
-def test_a_scanned_label_or_word_that_looks_like_a_number_stays_text(tmp_path):
+def test_a_scanned_label_or_word_that_looks_like_a_number_stays_text_when_a_row_is_rewritten(tmp_path):
     csv = tmp_path / "suite.csv"
     pd.DataFrame({"cell": ["a", "b"], "cacc": [80.0, 81.0], "scan_target": ["1", None],
                   "scan_one_token_trigger": ["007", "mn"]}).to_csv(csv, index=False)  # fmt: skip
-    table = read_results(csv)
-    assert table.scan_target[0] == "1" and table.scan_one_token_trigger[0] == "007" and table.cacc[1] == 81.0
+    upsert(csv, [{"cell": "b", "cacc": 0.1 + 0.2, "scan_target": "0", "scan_one_token_trigger": "mn"}])
+    table = read_results(csv).set_index("cell")  # rewritten by upsert, read back
+    assert table.scan_target["a"] == "1" and table.scan_target["b"] == "0"
+    assert table.scan_one_token_trigger["a"] == "007"
+    assert table.cacc["b"] == 0.1 + 0.2 and table.cacc["a"] == 80.0  # every digit kept
 
 
 def test_a_population_whose_top_score_is_a_clean_models_flags_nothing_at_a_low_false_positive_rate():

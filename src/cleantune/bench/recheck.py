@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from cleantune.bench.runner import progress_bar, results_path, row_for, run_cell, select, upsert
+from cleantune.bench.runner import progress_bar, read_results, results_path, row_for, run_cell, select, upsert
 from cleantune.bench.suite import cells, load_suite
 from cleantune.errors import CleantuneError
 from cleantune.io import read_json
@@ -56,8 +56,8 @@ def compared(recorded: dict[str, Any], rerun: dict[str, Any]) -> list[dict[str, 
 def recorded_rows(path: Path) -> dict[str, dict[str, Any]]:
     if not path.exists():
         raise CleantuneError(f"{path}: no recorded results to recheck; run the suite first")
-    # round_trip: read back exactly the float the CSV wrote, so equality means "to the last digit".
-    table = pd.read_csv(path, float_precision="round_trip")
+    # Each float read back exactly as the CSV wrote it, so equality means "to the last digit".
+    table = read_results(path)
     table = table[table.status == "done"]
     return {str(row["cell"]): {k: v for k, v in row.items() if not pd.isna(v)} for row in table.to_dict("records")}
 

@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from cleantune.bench.recheck import recheck_path  # noqa: E402
-from cleantune.bench.runner import results_path, runs_log_path  # noqa: E402
+from cleantune.bench.runner import read_results, results_path, runs_log_path  # noqa: E402
 from cleantune.bench.suite import BEFORE_DEFENSE, ScanSection, SuiteConfig, cells, load_suite, matches  # noqa: E402
 from cleantune.errors import CleantuneError  # noqa: E402
 from cleantune.io import atomic_write_text, save_figure  # noqa: E402
@@ -457,12 +457,6 @@ def paper_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
                 cells.append(f"{paper} / {cell_text(ours[metric]) if metric in ours else '–'}")
         lines.append(f"| {defense} | " + " | ".join(cells) + " |")
     return [*lines, ""]
-
-
-def read_results(csv: Path) -> pd.DataFrame:
-    """A suite's results table; a scan's target and trigger stay text (a label named "1" is not 1.0)."""
-    words = [c for c in pd.read_csv(csv, nrows=0).columns if c.endswith(("_target", "_trigger"))]
-    return pd.read_csv(csv, dtype=dict.fromkeys(words, str))
 
 
 def write_report(name: str) -> tuple[Path, list[str]]:

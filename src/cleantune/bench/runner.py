@@ -83,9 +83,16 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
     return row
 
 
+def read_results(csv: Path) -> pd.DataFrame:
+    """A suite's results table, every number as written; a scan's target and trigger stay text (a label
+    named "1" must not come back as 1.0, nor be written back so)."""
+    words = [c for c in pd.read_csv(csv, nrows=0).columns if c.endswith(("_target", "_trigger"))]
+    return pd.read_csv(csv, dtype=dict.fromkeys(words, str), float_precision="round_trip")
+
+
 def upsert(path: Path, rows: list[dict[str, Any]], columns: list[str] = COLUMNS) -> None:
     """Replace the rows of the cells in ``rows`` (a cell may have several) and rewrite atomically."""
-    table = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=columns)
+    table = read_results(path) if path.exists() else pd.DataFrame(columns=columns)
     table = table[~table["cell"].isin({row["cell"] for row in rows})]
     table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
     ordered = [c for c in columns if c in table.columns] + [c for c in table.columns if c not in columns]
