@@ -431,6 +431,10 @@ def test_a_recheck_reruns_cells_from_nothing_and_names_a_number_that_moved(tmp_p
     path = write_suite(tmp_path, data_dir, tiny_bert, **extra)
     unrun = CliRunner().invoke(app, ["bench", str(path), "--recheck"])
     assert unrun.exit_code == 2 and "tiny.csv: no recorded results to recheck" in unrun.output
+    both = CliRunner().invoke(app, ["bench", str(path), "--recheck", "--reading", "main"])
+    assert both.exit_code == 2 and "--reading goes with a run, not with --recheck" in both.output
+    unscanned = CliRunner().invoke(app, ["bench", str(path), "--reading", "main"])
+    assert unscanned.exit_code == 2 and "the suite has no scan section" in unscanned.output
     assert run_suite(path) == {"done": 2, "failed": 0, "skipped": 0}
     unmatched = CliRunner().invoke(app, ["bench", str(path), "--recheck", "--only", "no-such-cell"])
     assert unmatched.exit_code == 2 and "no finished cell recorded" in unmatched.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -241,6 +242,15 @@ def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_popu
     suite["scan"]["variants"]["later"] = {"tokens": 2}  # a reading added after the run
     path.write_text(yaml.safe_dump(suite))
     assert "tokens 2)\n\nNot run yet." in write_report(str(path))[0].read_text()
+    with pytest.raises(CleantuneError, match="no scan reading 'latter' \\(readings: main, against, later\\)"):
+        run_suite(path, readings=["latter"])
+    shutil.rmtree(runs / "sst2__tiny__mn__fft__s42")  # its model gone: remade, and scanned with the new reading alone
+    assert run_suite(path, only=["__mn__"], readings=["later"]) == {"done": 1, "failed": 0, "skipped": 1}
+    again = pd.read_csv(tmp_path / "results" / "population.csv").set_index("attack")
+    assert again.loc["mn", "scan_later_score"] >= 80 and pd.isna(again.loc["clean", "scan_later_score"])
+    kept = ["scan_score", "scan_trigger", "scan_against_score", "scan_against_s"]
+    assert again.loc["mn", kept].tolist() == table.loc["mn", kept].tolist()  # as recorded, not rescanned
+    assert sorted(p.name for p in (runs / "sst2__tiny__mn__fft__s42").glob("scan*.json")) == ["scan-later.json"]
 
 
 def test_the_suite_scanner_sees_only_what_a_downloaded_model_holds(tmp_path):

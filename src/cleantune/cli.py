@@ -394,10 +394,19 @@ def bench(
             "number with the recorded row, into <suite>.recheck.csv; exit 1 if one differs.",
         ),
     ] = False,
+    reading: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Scan with this reading of the suite's scan section alone (repeat for several; main: the main "
+            "reading), e.g. one added after the rest ran; each row keeps what its other readings recorded."
+        ),
+    ] = None,
 ) -> None:
     """Run a suite's matrix, one run per cell; finished cells are skipped, failed ones recorded."""
     from cleantune.bench.runner import run_suite
 
+    if recheck and reading:
+        raise CleantuneError("--reading goes with a run, not with --recheck (a recheck reruns no scans)")
     if recheck:
         from cleantune.bench.recheck import recheck_suite
 
@@ -406,7 +415,7 @@ def bench(
         if checked["different"] or checked["failed"]:
             raise typer.Exit(1)
         return
-    summary = run_suite(suite, only=only)
+    summary = run_suite(suite, only=only, readings=reading)
     console.print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} already finished")
     if summary["failed"]:
         raise typer.Exit(1)

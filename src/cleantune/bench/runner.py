@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cleantune.bench.scanning import run_scan, scan_columns
 from cleantune.bench.suite import Cell, SuiteConfig, cells, dump, load_suite, named
 from cleantune.config import RunConfig, made_differently
+from cleantune.errors import CleantuneError
 from cleantune.io import atomic_write_text, read_json
 
 COLUMNS = [
@@ -169,16 +170,34 @@ def progress_bar() -> Progress:
     )
 
 
-def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
+def recorded_readings(table: pd.DataFrame | None, cell_id: str, prefixes: list[str], keep: list[str]) -> dict:
+    """The columns the readings in ``keep`` recorded for the cell, as its row holds them (a column
+    belongs to the longest reading prefix it starts with: ``scan_`` is every reading's)."""
+    if table is None or cell_id not in set(table["cell"]):
+        return {}
+    row = table[table["cell"] == cell_id].iloc[0]
+    owner = {c: max((p for p in prefixes if c.startswith(p)), key=len, default="") for c in table.columns}
+    return {c: row[c] for c in table.columns if owner[c] in keep and pd.notna(row[c])}
+
+
+def run_suite(path: Path, only: list[str] | None = None, readings: list[str] | None = None) -> dict[str, int]:
+    """Run the selected cells (``only``) and scan their models; ``readings`` scans with those readings
+    alone (by name, ``main`` for the main one), each row keeping what the others recorded."""
     suite = load_suite(path)
     names = suite.scan.references() if suite.scan is not None else set()
+    if readings and suite.scan is None:
+        raise CleantuneError(f"{path}: the suite has no scan section, so no scan readings to choose")
+    prefixes = list(suite.scan.readings()) if suite.scan is not None else []
+    scanned = suite.scan.prefixes(readings) if suite.scan is not None and readings else prefixes
     every = cells(suite)  # each config validated once
     todo = with_references(select(every, only), every, names)
     references: dict[str, Path | None] = {}
     out = results_path(suite)
+    kept = [p for p in prefixes if p not in scanned]
+    recorded = read_results(out) if kept and out.exists() else None
     summary = {"done": 0, "failed": 0, "skipped": 0}
     started = time.time()
-    log_run(suite, started, None, only)
+    log_run(suite, started, None, only=only, readings=readings)
     with progress_bar() as progress:
         overall = progress.add_task(f"suite {suite.suite}", total=len(todo))
         current = progress.add_task("", total=None)
@@ -201,7 +220,8 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
             if cell.id in names:
                 references[cell.id] = Path(product) if product else None
             elif record is not None and product and suite.scan is not None and suite.scan.scans(cell.id):
-                for prefix in suite.scan.readings():
+                row |= recorded_readings(recorded, cell.id, prefixes, kept)
+                for prefix in scanned:
                     progress.update(current, description=f"{cell.id}: scanning ({prefix.strip('_')})")
                     found = run_scan(suite, prefix, cell, Path(product), references)
                     if isinstance(found, str):
@@ -214,7 +234,7 @@ def run_suite(path: Path, only: list[str] | None = None) -> dict[str, int]:
             line = f"[{index}/{len(todo)}] {cell.id}: {outcome_text(outcome, row)}"
             progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
             progress.advance(overall)
-    log_run(suite, started, summary, only)
+    log_run(suite, started, summary, only=only, readings=readings)
     return summary
 
 
@@ -229,15 +249,16 @@ def runs_log_path(suite: SuiteConfig) -> Path:
     return suite.results_dir / f"{suite.suite}.runs.jsonl"
 
 
-def log_run(suite: SuiteConfig, started: float, summary: dict[str, int] | None, only: list[str] | None) -> None:
+def log_run(suite: SuiteConfig, started: float, summary: dict[str, int] | None, **chosen: list[str] | None) -> None:
     """One line per ``cleantune bench`` invocation, so a report can quote how long the suite took.
 
     Opened (no ``wall_s``) when the invocation starts and completed when it ends: a killed one still shows.
+    ``chosen``: what the invocation was told to run (``only``, ``readings``).
     """
     from cleantune.rundir import hardware
 
     stamp = datetime.fromtimestamp(started, tz=UTC).isoformat(timespec="seconds")
-    opened = {"started_utc": stamp, "only": only, **hardware(), "wall_s": None}
+    opened = {"started_utc": stamp, **chosen, **hardware(), "wall_s": None}
     entry = opened if summary is None else opened | {"wall_s": round(time.time() - started, 1), **summary}
     path = runs_log_path(suite)
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []

@@ -88,6 +88,13 @@ class ScanSection(StrictModel):
         """Each reading's column prefix and its full settings: the main one first."""
         return {"scan_": self.settings} | {f"scan_{n}_": {**self.settings, **v} for n, v in self.variants.items()}
 
+    def prefixes(self, names: list[str]) -> list[str]:
+        """The column prefixes of the readings called ``names`` (``main``: the main reading)."""
+        unknown = [n for n in names if n != "main" and n not in self.variants]
+        if unknown:
+            raise CleantuneError(f"no scan reading {unknown[0]!r} (readings: {', '.join(['main', *self.variants])})")
+        return ["scan_" if n == "main" else f"scan_{n}_" for n in names]
+
     def scans(self, cell_id: str) -> bool:
         return not self.cells or named(cell_id, self.cells)
 
