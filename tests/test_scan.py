@@ -251,6 +251,7 @@ def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_popu
     kept = ["scan_score", "scan_trigger", "scan_against_score", "scan_against_s"]
     assert again.loc["mn", kept].tolist() == table.loc["mn", kept].tolist()  # as recorded, not rescanned
     assert sorted(p.name for p in (runs / "sst2__tiny__mn__fft__s42").glob("scan*.json")) == ["scan-later.json"]
+    assert ", 1 / 0 / 1, scan readings later alone\n" in write_report(str(path))[0].read_text()
 
 
 def test_the_suite_scanner_sees_only_what_a_downloaded_model_holds(tmp_path):

@@ -182,9 +182,10 @@ def run_times(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
                 lines.append(f"- {entry['started_utc']}: stopped before it finished (its finished cells are recorded)")
                 continue
             gpu = f" and {entry['gpus']} × {entry['gpu']}" if entry.get("gpu") else ""
+            readings = f", scan readings {', '.join(entry['readings'])} alone" if entry.get("readings") else ""
             lines.append(
                 f"- {entry['started_utc']}: {entry['wall_s'] / 60:.1f} min on {entry['cpus']} CPUs{gpu}, "
-                f"{entry['done']} / {entry['failed']} / {entry['skipped']}"
+                f"{entry['done']} / {entry['failed']} / {entry['skipped']}{readings}"
             )
     return [*lines, ""]
 
