@@ -75,8 +75,8 @@ print(" ".join(f"--only {head}__{name}__" for name in first["defense"][:2]), fil
 EOF
   # shellcheck disable=SC2046
   python3 -m cleantune bench /tmp/smoke.yaml $(cat /tmp/smoke.only) || true
-  local smoke=/tmp/smoke/results/smoke.csv
-  if [ ! -f $smoke ] || grep -q ',failed,' $smoke; then tail -n 40 /tmp/smoke/runs/smoke/*.log; exit 1; fi
+  local results=/tmp/smoke/results/smoke.csv
+  if [ ! -f $results ] || grep -q ',failed,' $results; then tail -n 40 /tmp/smoke/runs/smoke/*.log; exit 1; fi
 }
 
 run() {
