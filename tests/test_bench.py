@@ -97,6 +97,7 @@ def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path, data_dir,
     assert sorted(table.cell) == sorted(f"sst2__tiny__badnet__{d}__s42" for d in ("lora", "fft", "prompt"))
     assert (table.status == "done").all()
     assert table.asr.between(0, 100).all() and table.cacc.between(0, 100).all()
+    assert table.libraries.str.contains(r"torch .*, transformers .*, peft ").all()
 
     assert run_suite(path) == {"done": 0, "failed": 0, "skipped": 3}
     assert len(pd.read_csv(tmp_path / "results" / "tiny.csv")) == 3
@@ -456,14 +457,19 @@ def test_a_recheck_reruns_cells_from_nothing_and_names_a_number_that_moved(tmp_p
     # A recorded number that the code no longer gives is named, and the command fails.
     table = pd.read_csv(results)
     table.loc[table.defense == "lora", "cacc"] += 0.5
+    # ... and a row made under other library releases is named as such.
+    table.loc[table.defense == "lora", "libraries"] = "torch 0.0"
     table.to_csv(results, index=False)
     outcome = CliRunner().invoke(app, ["bench", str(path), "--recheck", "--only", "lora"])
     assert outcome.exit_code == 1 and "1 reproduced, 1 differ" in outcome.output
     checks = pd.read_csv(tmp_path / "results" / "tiny.recheck.csv").set_index(["cell", "metric"])
-    assert not checks.loc[("sst2__tiny-poisoned__badnet__lora__s42", "cacc"), "same"]
+    lora = checks.loc[("sst2__tiny-poisoned__badnet__lora__s42", "cacc")]
+    assert not lora.same and lora.recorded_libraries == "torch 0.0" and "peft " in lora.rerun_libraries
     assert checks.same.sum() == len(checks) - 1
     report = write_report(str(path))[0].read_text()
-    assert "## Rechecked cells" in report and "| sst2__tiny-poisoned__badnet__lora__s42 |" in report
-    assert "cacc " in report.split("## Rechecked cells")[1]
+    assert "## Rechecked cells" in report and "| sst2__tiny-poisoned__badnet__lora__s42 | " in report
+    assert "cacc " in report.split("## Rechecked cells")[1] and "under torch 0.0 |" in report
+    releases = report.split("## Library releases")[1].split("##")[0]
+    assert "- torch 0.0: 1 row: sst2__tiny-poisoned__badnet__lora__s42" in releases
     assert digits_apart(0.5447408556938171, 0.5447413921356201) == "0.5447408556938171 → 0.5447413921356201"
     assert digits_apart(52.5, 77.0) == "52.5 → 77"

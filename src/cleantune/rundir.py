@@ -40,6 +40,14 @@ def versions() -> dict[str, str]:
     return found
 
 
+def library_set(found: dict[str, str] | None) -> str | None:
+    """The libraries a run's numbers depend on, as one comparable text (from its recorded ``versions``):
+    the same config and commit can train another model under other releases of them."""
+    if not found:
+        return None
+    return ", ".join(f"{name} {found[name]}" for name in PACKAGES[1:] if name in found)
+
+
 def source_commit() -> str | None:
     """The commit of the cleantune source that ran ("+dirty" with uncommitted edits), for benchmark rows.
     CLEANTUNE_SOURCE_COMMIT, when set, names it instead: a copy of a checkout (a lent GPU machine's)

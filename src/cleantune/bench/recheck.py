@@ -22,7 +22,10 @@ from cleantune.bench.suite import cells, load_suite
 from cleantune.errors import CleantuneError
 from cleantune.io import read_json
 
-COLUMNS = ["suite", "cell", "metric", "recorded", "rerun", "same", "recorded_commit", "rerun_commit", "checked_utc"]
+COLUMNS = [
+    "suite", "cell", "metric", "recorded", "rerun", "same", "recorded_commit", "rerun_commit", "checked_utc",
+    "recorded_libraries", "rerun_libraries",
+]  # fmt: skip
 # Timings, memory and bookkeeping: they are expected to move from run to run.
 UNCOMPARED = {"wall_s", "train_s", "setup_s", "peak_mem_mb", "seed", "resumed"}
 SCAN_COLUMNS = "scan_"  # a suite's scans of its products (``ScanSection``): a recheck reruns the runs only
@@ -96,6 +99,7 @@ def report_cell(out: Path, suite: str, recorded: dict[str, Any], rerun: dict[str
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     common = {"suite": suite, "cell": rerun["cell"], "recorded_commit": recorded.get("commit")}
     common |= {"rerun_commit": rerun.get("commit"), "checked_utc": stamp}
+    common |= {"recorded_libraries": recorded.get("libraries"), "rerun_libraries": rerun.get("libraries")}
     rows = [common | entry for entry in compared(recorded, rerun)]
     upsert(out, rows, COLUMNS)
     differing = [r for r in rows if not r["same"]]

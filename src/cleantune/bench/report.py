@@ -273,6 +273,32 @@ def _commit(value: object) -> str:
     return "not recorded" if pd.isna(value) else f"`{str(value)[:7]}`"
 
 
+def _libraries(row: pd.Series, prefix: str) -> str:
+    """`` under <libraries>`` when the recheck CSV recorded them (older rechecks did not)."""
+    value = row.get(f"{prefix}_libraries")
+    return "" if value is None or pd.isna(value) else f" under {value}"
+
+
+def libraries_section(done: pd.DataFrame) -> list[str]:
+    """Which library releases the rows ran under, when they are not all the same: the same config and
+    commit can train another model under other releases (a seed-like spread, not a code change)."""
+    if "libraries" not in done or done["libraries"].dropna().nunique() + done["libraries"].isna().any() < 2:
+        return []
+    named = done["libraries"].fillna("not recorded (rows made before runs recorded it)")
+    lines = [
+        "## Library releases",
+        "",
+        "The rows ran under more than one set of library releases; where the same cell was rerun under "
+        "another set, the Rechecked cells section shows how far its numbers moved.",
+        "",
+    ]
+    groups = sorted(done.groupby(named, sort=False), key=lambda group: -len(group[1]))
+    for index, (libraries, rows) in enumerate(groups):
+        cells_named = f": {', '.join(rows.cell)}" if index else ""  # the largest set is the rest
+        lines.append(f"- {libraries}: {len(rows)} row{'s' if len(rows) > 1 else ''}{cells_named}")
+    return [*lines, ""]
+
+
 def digits_apart(recorded: float, rerun: float) -> str:
     """Two numbers that differ, to as many digits as it takes to see it."""
     short = f"{recorded:.6g} → {rerun:.6g}"
@@ -297,10 +323,9 @@ def recheck_section(suite: SuiteConfig) -> list[str]:
         differ = rows[~rows.same.map(lambda v: v in (True, "True"))]
         text = "; ".join(f"{r.metric} {digits_apart(r.recorded, r.rerun)}" for r in differ.itertuples()) or "–"
         first = rows.iloc[0]
-        when = f"{_commit(first.rerun_commit)}, {first.checked_utc}"
-        lines.append(
-            f"| {cell} | {_commit(first.recorded_commit)} | {when} | {len(rows)} | {len(rows) - len(differ)} | {text} |"
-        )
+        when = f"{_commit(first.rerun_commit)}, {first.checked_utc}{_libraries(first, 'rerun')}"
+        made = f"{_commit(first.recorded_commit)}{_libraries(first, 'recorded')}"
+        lines.append(f"| {cell} | {made} | {when} | {len(rows)} | {len(rows) - len(differ)} | {text} |")
     return [*lines, ""]
 
 
@@ -508,7 +533,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             f"![ASR against {next(m for m in metric_columns(rows) if m != 'asr')}]({image})",
             "",
         ]
-    parts += data_level_section(done) + loss_terms_section(done) + recorded_section(done)
+    parts += data_level_section(done) + loss_terms_section(done) + recorded_section(done) + libraries_section(done)
     parts += fourier_section(suite, done) + cost_section(suite) + scan_section(suite, done)
     parts += recheck_section(suite)
     failed = table[table.status == "failed"]

@@ -57,6 +57,8 @@ def results_path(suite: SuiteConfig) -> Path:
 
 
 def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
+    from cleantune.rundir import library_set
+
     row = {
         "suite": suite.suite, "cell": cell.id, "scenario": cell.config.scenario, **cell.coords,
         "run_dir": str(cell.config.run_dir), "status": "failed" if record is None else "done", "error": error,
@@ -67,6 +69,7 @@ def row_for(suite: SuiteConfig, cell: Cell, record: dict[str, Any] | None, error
         row |= {k: metrics.get(k) for k in ("cacc", "asr", "delta", "n_test", "n_test_poison")}
         row |= {k: record.get(k) for k in ("wall_s", "trainable_params", "total_params", "n_train", "n_poisoned")}
         row["commit"] = record.get("commit")
+        row["libraries"] = library_set(record.get("versions"))
         train = record.get("train") or {}  # evaluation-only runs train nothing
         best = train.get("best_dev_accuracy")
         row |= {"dev_accuracy": best * 100 if best is not None else None, "peak_mem_mb": peak}
