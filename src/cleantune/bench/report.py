@@ -284,7 +284,7 @@ def libraries_section(done: pd.DataFrame) -> list[str]:
     commit can train another model under other releases (a seed-like spread, not a code change)."""
     if "libraries" not in done or done["libraries"].dropna().nunique() + done["libraries"].isna().any() < 2:
         return []
-    named = done["libraries"].fillna("not recorded (rows made before runs recorded it)")
+    named = done["libraries"].fillna("not recorded (rows written before the results table held it)")
     lines = [
         "## Library releases",
         "",
