@@ -45,7 +45,7 @@ def library_set(found: dict[str, str] | None) -> str | None:
     the same config and commit can train another model under other releases of them."""
     if not found:
         return None
-    return ", ".join(f"{name} {found[name]}" for name in PACKAGES[1:] if name in found)
+    return ", ".join(f"{name} {found[name]}" for name in PACKAGES if name != "cleantune" and name in found)
 
 
 def source_commit() -> str | None:
