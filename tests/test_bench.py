@@ -375,6 +375,39 @@ def test_a_paper_suite_report_opens_with_its_protocol_then_the_papers_numbers(tm
     assert "| lora | 92.00 / 80.50 | 99.70 / 12.25 |" in report
 
 
+def test_a_paper_row_can_stand_beside_several_of_the_suites_defenses(tmp_path, data_dir, tiny_bert):
+    paper = {
+        "source": "Table 2", "rows": {"lora": {"badnet": {"cacc": 92.0, "asr": 99.7}}},
+        "beside": {"lora": ["lora", "prompt"]},
+    }  # fmt: skip
+    path = write_suite(tmp_path, data_dir, tiny_bert, paper=paper)
+    suite = load_suite(path)
+    (tmp_path / "results").mkdir()
+    asr = {"lora": 12.25, "fft": 50.0, "prompt": 30.5}
+    record = {"wall_s": 1.0, "trainable_params": 8, "train": {}}
+    rows = [
+        row_for(suite, c, {**record, "metrics": {"cacc": 80.5, "asr": asr[c.coords["defense"]]}}) for c in cells(suite)
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "results" / "tiny.csv", index=False)
+    table = write_report(str(path))[0].read_text().split("## The paper's numbers")[1].split("\n\n")[1]
+    assert "| lora | 92.00 / 80.50 | 99.70 / 12.25 |" in table
+    assert "| lora (ours: prompt) | 92.00 / 80.50 | 99.70 / 30.50 |" in table
+    assert "fft" not in table
+
+
+@pytest.mark.parametrize(
+    "beside, problem",
+    [
+        ({"lora": ["lora", "dora"]}, "dora, not among the suite's defenses"),
+        ({"fft": ["fft"]}, "not one of the paper's rows"),
+    ],
+)
+def test_a_paper_row_beside_an_unknown_defense_is_refused(tmp_path, data_dir, tiny_bert, beside, problem):
+    paper = {"source": "Table 2", "rows": {"lora": {"badnet": {"asr": 99.7}}}, "beside": beside}
+    with pytest.raises(CleantuneError, match=problem):
+        load_suite(write_suite(tmp_path, data_dir, tiny_bert, paper=paper))
+
+
 def test_numbers_a_defense_records_become_columns_and_a_report_table(tmp_path, data_dir, tiny_bert):
     path = write_suite(tmp_path, data_dir, tiny_bert)
     suite = load_suite(path)

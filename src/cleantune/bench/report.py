@@ -473,15 +473,17 @@ def paper_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
         header + " |",
         "|---|" + "---:|" * (len(attacks) * len(metrics)),
     ]
-    for defense, by_attack in suite.paper.rows.items():
-        cells = []
-        for attack in attacks:
-            ours = done[(done.defense == defense) & (done.attack == attack)]
-            for metric in metrics:
-                theirs = by_attack.get(attack, {}).get(metric)
-                paper = "–" if theirs is None else f"{theirs:.2f}"
-                cells.append(f"{paper} / {cell_text(ours[metric]) if metric in ours else '–'}")
-        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    for row, by_attack in suite.paper.rows.items():
+        for defense in suite.paper.beside.get(row, [row]):
+            cells = []
+            for attack in attacks:
+                ours = done[(done.defense == defense) & (done.attack == attack)]
+                for metric in metrics:
+                    theirs = by_attack.get(attack, {}).get(metric)
+                    paper = "–" if theirs is None else f"{theirs:.2f}"
+                    cells.append(f"{paper} / {cell_text(ours[metric]) if metric in ours else '–'}")
+            label = row if defense == row else f"{row} (ours: {defense})"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

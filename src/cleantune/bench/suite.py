@@ -61,6 +61,9 @@ class PaperNumbers(StrictModel):
 
     source: str  # e.g. "Table 2, BERT-large, SST-2"
     rows: dict[str, dict[str, dict[str, float]]]
+    # Which of the suite's defenses stand beside a paper row, when not (only) the one of its name:
+    # e.g. the method under two settings a protocol question left open.
+    beside: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class ScanSection(StrictModel):
@@ -137,6 +140,17 @@ class SuiteConfig(StrictModel):
     protocol: list[ProtocolRow] = Field(default_factory=list)
     paper: PaperNumbers | None = None
     scan: ScanSection | None = None
+
+    @model_validator(mode="after")
+    def _paper_rows_name_defenses(self) -> SuiteConfig:
+        if self.paper is not None:
+            for row, ours in self.paper.beside.items():
+                if row not in self.paper.rows:
+                    raise ValueError(f"paper.beside names '{row}', which is not one of the paper's rows")
+                unknown = [name for name in ours if name not in self.defense]
+                if unknown:
+                    raise ValueError(f"paper.beside.{row} names {', '.join(unknown)}, not among the suite's defenses")
+        return self
 
 
 @dataclass(frozen=True)
