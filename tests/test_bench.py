@@ -395,17 +395,47 @@ def test_a_paper_row_can_stand_beside_several_of_the_suites_defenses(tmp_path, d
     assert "fft" not in table
 
 
+PAPER = {"source": "Table 2", "rows": {"lora": {"badnet": {"asr": 99.7}}}}
+
+
 @pytest.mark.parametrize(
-    "beside, problem",
+    "extra, problem",
     [
-        ({"lora": ["lora", "dora"]}, "dora, not among the suite's defenses"),
-        ({"fft": ["fft"]}, "not one of the paper's rows"),
+        ({"paper": {**PAPER, "beside": {"lora": ["lora", "dora"]}}}, "dora, not among the suite's defenses"),
+        ({"paper": {**PAPER, "beside": {"fft": ["fft"]}}}, "not one of the paper's rows"),
+        ({"open_readings": [{"point": "p", "readings": {"lora": "a", "dora": "b"}}]}, "'p' names dora, not among"),
     ],
 )
-def test_a_paper_row_beside_an_unknown_defense_is_refused(tmp_path, data_dir, tiny_bert, beside, problem):
-    paper = {"source": "Table 2", "rows": {"lora": {"badnet": {"asr": 99.7}}}, "beside": beside}
+def test_a_report_section_naming_an_unknown_row_is_refused(tmp_path, data_dir, tiny_bert, extra, problem):
     with pytest.raises(CleantuneError, match=problem):
-        load_suite(write_suite(tmp_path, data_dir, tiny_bert, paper=paper))
+        load_suite(write_suite(tmp_path, data_dir, tiny_bert, **extra))
+
+
+def test_open_readings_are_compared_over_the_attacks_every_reading_finished(tmp_path, data_dir, tiny_bert):
+    attacks = {name: {"attack": {"name": "badnet", "rate": 0.2}} for name in ("first", "second")}
+    readings = [{"point": "where the penalty acts", "readings": {"lora": "weights", "prompt": "outputs"}}]
+    path = write_suite(tmp_path, data_dir, tiny_bert, attack=attacks, seeds=[1, 2], open_readings=readings)
+    suite = load_suite(path)
+    asr = {("lora", 1): 10.0, ("lora", 2): 20.0, ("prompt", 1): 40.0, ("prompt", 2): 40.0}
+    record = {"wall_s": 1.0, "trainable_params": 8, "train": {}}
+    rows = [
+        row_for(
+            suite,
+            c,
+            {**record, "metrics": {"cacc": 80.0 + c.coords["seed"], "asr": asr[c.coords["defense"], c.coords["seed"]]}},
+        )
+        for c in cells(suite)
+        if c.coords["defense"] != "fft" and not (c.coords["defense"] == "prompt" and c.coords["attack"] == "second")
+    ]
+    (tmp_path / "results").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "results" / "tiny.csv", index=False)
+    section = write_report(str(path))[0].read_text().split("## Open readings")[1]
+    # Seeds are averaged; "second" is left out because the prompt reading has no row on it.
+    assert "| weights | lora | 81.50 | 15.00 | 81.50 | 15.00 |" in section
+    assert "| outputs | prompt | 81.50 | 40.00 | 81.50 | 40.00 |" in section
+    assert "second" not in section.split("Lowest")[0]
+    assert "Lowest mean ASR: weights (CACC 81.50, ASR 15.00); highest mean CACC: weights" in section
+    assert "over first." in section
 
 
 def test_numbers_a_defense_records_become_columns_and_a_report_table(tmp_path, data_dir, tiny_bert):

@@ -487,6 +487,45 @@ def paper_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
+def open_readings_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
+    """Each open point's readings side by side, averaged over the attacks every reading has finished
+    (seeds averaged first), naming the reading of lowest mean ASR (and of highest mean CACC)."""
+    if not suite.open_readings or done.empty:
+        return []
+    lines = ["## Open readings", ""]
+    for point in suite.open_readings:
+        keep = [row["defense"] in point.readings and matches(point.match, row) for row in done.to_dict("records")]
+        metrics = metric_columns(done[keep])
+        means = done[keep].groupby(["defense", "attack"])[list(metrics)].mean()
+        finished = [{a for d, a in means.index if d == defense} for defense in point.readings]
+        attacks = in_suite_order(set.intersection(*finished), list(suite.attack))
+        where = ", ".join(f"{key} {value}" for key, value in point.match.items())
+        lines += [f"### {point.point}" + (f" ({where})" if where else ""), ""]
+        if not attacks:
+            lines += ["No attack has a finished row for every reading yet.", ""]
+            continue
+        header = "| Reading | Defense | " + " | ".join(f"{a} {label}" for a in attacks for label in metrics.values())
+        header += "".join(f" | mean {label.split()[0]}" for label in metrics.values())
+        lines += [header + " |", "|---|---|" + "---:|" * (len(metrics) * (len(attacks) + 1))]
+        overall = {}
+        for defense, reading in point.readings.items():
+            rows = means.loc[defense].loc[attacks]
+            overall[reading] = rows.mean()
+            cells = [f"{rows[m][a]:.2f}" for a in attacks for m in metrics] + [f"{rows[m].mean():.2f}" for m in metrics]
+            lines.append(f"| {reading} | {defense} | " + " | ".join(cells) + " |")
+        named = [("Lowest mean ASR", min(overall, key=lambda r: overall[r].asr))]
+        if "cacc" in metrics:
+            named.append(("highest mean CACC", max(overall, key=lambda r: overall[r].cacc)))
+        verdicts = [
+            f"{what}: {reading} ("
+            + ", ".join(f"{metrics[m].split()[0]} {overall[reading][m]:.2f}" for m in metrics)
+            + ")"
+            for what, reading in named
+        ]
+        lines += ["", "; ".join(verdicts) + f"; over {', '.join(attacks)}.", ""]
+    return lines
+
+
 def write_report(name: str) -> tuple[Path, list[str]]:
     suite = find_suite(name)
     csv = results_path(suite)
@@ -535,6 +574,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
             f"![ASR against {next(m for m in metric_columns(rows) if m != 'asr')}]({image})",
             "",
         ]
+    parts += open_readings_section(suite, done)
     parts += data_level_section(done) + loss_terms_section(done) + recorded_section(done) + libraries_section(done)
     parts += fourier_section(suite, done) + cost_section(suite) + scan_section(suite, done)
     parts += recheck_section(suite)

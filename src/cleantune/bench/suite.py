@@ -56,6 +56,15 @@ class ProtocolRow(StrictModel):
     why: str = ""  # why ``used`` departs from ``paper``; empty where they agree
 
 
+class OpenReading(StrictModel):
+    """A point the paper can be read more than one way, and the suite's defense rows that read it each
+    way, compared in the report on the rows ``match`` picks (e.g. one dataset, one seed)."""
+
+    point: str  # e.g. "rescaled layers"
+    readings: dict[str, str] = Field(min_length=2)  # defense -> the reading it runs
+    match: dict[str, str | int] = Field(default_factory=dict)
+
+
 class PaperNumbers(StrictModel):
     """A paper table's numbers for this suite's rows: defense -> attack -> metric -> value."""
 
@@ -139,6 +148,7 @@ class SuiteConfig(StrictModel):
     # A paper suite's report opens with these: its protocol, then the paper's numbers beside ours.
     protocol: list[ProtocolRow] = Field(default_factory=list)
     paper: PaperNumbers | None = None
+    open_readings: list[OpenReading] = Field(default_factory=list)
     scan: ScanSection | None = None
 
     @model_validator(mode="after")
@@ -150,6 +160,12 @@ class SuiteConfig(StrictModel):
                 unknown = [name for name in ours if name not in self.defense]
                 if unknown:
                     raise ValueError(f"paper.beside.{row} names {', '.join(unknown)}, not among the suite's defenses")
+        for reading in self.open_readings:
+            unknown = [name for name in reading.readings if name not in self.defense]
+            if unknown:
+                raise ValueError(
+                    f"open reading '{reading.point}' names {', '.join(unknown)}, not among the suite's defenses"
+                )
         return self
 
 
