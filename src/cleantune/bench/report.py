@@ -279,12 +279,17 @@ def _libraries(row: pd.Series, prefix: str) -> str:
     return "" if value is None or pd.isna(value) else f" under {value}"
 
 
+def release_sets(rows: pd.DataFrame) -> pd.Series:
+    """Each row's library releases, rows written before the results table held them named as such."""
+    return rows["libraries"].fillna("not recorded (rows written before the results table held it)")
+
+
 def libraries_section(done: pd.DataFrame) -> list[str]:
     """Which library releases the rows ran under, when they are not all the same: the same config and
     commit can train another model under other releases (a seed-like spread, not a code change)."""
     if "libraries" not in done or done["libraries"].dropna().nunique() + done["libraries"].isna().any() < 2:
         return []
-    named = done["libraries"].fillna("not recorded (rows written before the results table held it)")
+    named = release_sets(done)
     lines = [
         "## Library releases",
         "",
@@ -494,7 +499,10 @@ def open_readings_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
         return []
     lines = ["## Open readings", ""]
     for point in suite.open_readings:
-        keep = [row["defense"] in point.readings and matches(point.match, row) for row in done.to_dict("records")]
+        keep = pd.Series(
+            [row["defense"] in point.readings and matches(point.match, row) for row in done.to_dict("records")],
+            index=done.index,
+        )
         metrics = metric_columns(done[keep])
         means = done[keep].groupby(["defense", "attack"])[list(metrics)].mean()
         finished = [{a for d, a in means.index if d == defense} for defense in point.readings]
@@ -523,7 +531,22 @@ def open_readings_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
             for what, reading in named
         ]
         lines += ["", "; ".join(verdicts) + f"; over {', '.join(attacks)}.", ""]
+        lines += mixed_releases(done[keep & done.attack.isin(attacks)])
     return lines
+
+
+def mixed_releases(rows: pd.DataFrame) -> list[str]:
+    """A line naming the rows that ran under other library releases than most, where a comparison mixes them."""
+    if "libraries" not in rows:
+        return []
+    sets = release_sets(rows)
+    if sets.nunique() < 2:
+        return []
+    usual = sets.value_counts().index[0]
+    others = [
+        f"{d} on {a} under {lib}" for d, a, lib in zip(rows.defense, rows.attack, sets, strict=True) if lib != usual
+    ]
+    return [f"Not all under the same library releases ({usual} for the rest): {'; '.join(others)}.", ""]
 
 
 def write_report(name: str) -> tuple[Path, list[str]]:
