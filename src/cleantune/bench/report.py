@@ -543,9 +543,10 @@ def mixed_releases(rows: pd.DataFrame) -> list[str]:
     if sets.nunique() < 2:
         return []
     usual = sets.value_counts().index[0]
-    others = [
+    # A cell run over several seeds under the same releases is named once.
+    others = dict.fromkeys(
         f"{d} on {a} under {lib}" for d, a, lib in zip(rows.defense, rows.attack, sets, strict=True) if lib != usual
-    ]
+    )
     return [f"Not all under the same library releases ({usual} for the rest): {'; '.join(others)}.", ""]
 
 
