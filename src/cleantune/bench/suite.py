@@ -152,20 +152,18 @@ class SuiteConfig(StrictModel):
     scan: ScanSection | None = None
 
     @model_validator(mode="after")
-    def _paper_rows_name_defenses(self) -> SuiteConfig:
+    def _sections_name_defenses(self) -> SuiteConfig:
+        """The report sections that name defenses (paper.beside, open_readings) name only the suite's."""
+        named = {f"open reading '{r.point}'": list(r.readings) for r in self.open_readings}
         if self.paper is not None:
             for row, ours in self.paper.beside.items():
                 if row not in self.paper.rows:
                     raise ValueError(f"paper.beside names '{row}', which is not one of the paper's rows")
-                unknown = [name for name in ours if name not in self.defense]
-                if unknown:
-                    raise ValueError(f"paper.beside.{row} names {', '.join(unknown)}, not among the suite's defenses")
-        for reading in self.open_readings:
-            unknown = [name for name in reading.readings if name not in self.defense]
+                named[f"paper.beside.{row}"] = ours
+        for where, names in named.items():
+            unknown = [name for name in names if name not in self.defense]
             if unknown:
-                raise ValueError(
-                    f"open reading '{reading.point}' names {', '.join(unknown)}, not among the suite's defenses"
-                )
+                raise ValueError(f"{where} names {', '.join(unknown)}, not among the suite's defenses")
         return self
 
 
