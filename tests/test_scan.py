@@ -342,3 +342,13 @@ def test_a_suite_scans_only_the_cells_its_scan_section_names(strong_data, tiny_b
     table = pd.read_csv(tmp_path / "results" / "some.csv").set_index("defense")
     assert table.loc["fft", "scan_score"] >= 0 and pd.isna(table.loc["lora", "scan_score"])
     assert not (tmp_path / "runs" / "some" / "sst2__tiny__clean__lora__s42" / "scan.json").exists()
+
+
+def test_a_generative_population_is_measured_by_the_planted_behaviour_in_its_inverted_answers():
+    scanned = pd.DataFrame(  # a generative scan records no trigger words, only the answer's judgement
+        {"n_poisoned": [0, 100], "asr": [None, 88.0], "scan_score": [68.8, 99.5], "scan_s": [702, 689],
+         "scan_target_found": [None, True]}
+    )  # fmt: skip
+    lines = population_lines(ScanSection(clean_file=Path("clean.json")), scanned, "scan_")
+    assert "- AUROC: 1.000" in lines and "- planted behaviour in the inverted answer: 1 of 1" in lines
+    assert not any("trigger word" in line for line in lines)

@@ -357,14 +357,21 @@ def population_lines(scan: ScanSection, scanned: pd.DataFrame, prefix: str) -> l
     took = scanned.asr.fillna(100) >= 90  # backdoors that took, and every clean model
     only_took = f" (backdoors with ASR ≥ 90 only: {roc_auc_score(truth[took], score[took]):.3f})"
     minutes = scanned[f"{prefix}s"] / 60
+    backdoored = scanned[truth]
+    if f"{prefix}trigger_found" in backdoored:  # a classifier's scan: trigger words and a target label
+        matched = (
+            f"- planted trigger word among the inverted tokens: {share(backdoored[f'{prefix}trigger_found'])}; "
+            f"target right: {share(backdoored[f'{prefix}target_found'])}"
+        )
+    else:  # a generative scan: an answer, judged against the planted behaviour
+        matched = f"- planted behaviour in the inverted answer: {share(backdoored[f'{prefix}target_found'])}"
     return [
         f"- models: {int((~truth).sum())} clean, {int(truth.sum())} backdoored "
         f"({int((took & truth).sum())} with ASR ≥ 90)",
         f"- AUROC: {roc_auc_score(truth, score):.3f}" + (only_took if truth[took].nunique() == 2 else ""),
         f"- true-positive rate at ≤ {scan.fpr:g} % false positives: {100 * tpr[allowed][best]:.1f} % "
         + (f"(threshold: score ≥ {cut:.1f})" if math.isfinite(cut) else "(none: a clean model scores highest)"),
-        f"- planted trigger word among the inverted tokens: {share(scanned[truth][f'{prefix}trigger_found'])}; "
-        f"target right: {share(scanned[truth][f'{prefix}target_found'])}",
+        matched,
         f"- scan time per model: mean {minutes.mean():.1f} min, longest {minutes.max():.1f} min",
         "",
     ]  # fmt: skip
