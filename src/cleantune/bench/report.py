@@ -287,9 +287,11 @@ def release_sets(rows: pd.DataFrame) -> pd.Series:
 def libraries_section(done: pd.DataFrame) -> list[str]:
     """Which library releases the rows ran under, when they are not all the same: the same config and
     commit can train another model under other releases (a seed-like spread, not a code change)."""
-    if "libraries" not in done or release_sets(done).nunique() < 2:
+    if "libraries" not in done:
         return []
     named = release_sets(done)
+    if named.nunique() < 2:
+        return []
     lines = [
         "## Library releases",
         "",
