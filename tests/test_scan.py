@@ -16,7 +16,7 @@ from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
 from typer.testing import CliRunner
 
 from cleantune.api import purify
-from cleantune.bench.report import population_lines, write_report
+from cleantune.bench.report import population_lines, reading_lines, write_report
 from cleantune.bench.runner import read_results, run_suite, upsert
 from cleantune.bench.scanning import clean_file, reusable, scan_columns, shipped_copy
 from cleantune.bench.suite import ScanSection, SuiteConfig
@@ -352,3 +352,15 @@ def test_a_generative_population_is_measured_by_the_planted_behaviour_in_its_inv
     lines = population_lines(ScanSection(clean_file=Path("clean.json")), scanned, "scan_")
     assert "- AUROC: 1.000" in lines and "- planted behaviour in the inverted answer: 1 of 1" in lines
     assert not any("trigger word" in line for line in lines)
+
+
+def test_a_reading_with_a_threshold_gives_each_scanned_model_a_verdict():
+    done = pd.DataFrame(
+        {"cell": ["before", "after"], "n_poisoned": [150, 150], "cacc": [80.0, 79.0], "asr": [95.0, 20.0],
+         "scan_score": [60.0, 34.5], "scan_s": [100, 100], "scan_trigger": ["cf", "great"]}
+    )  # fmt: skip
+    section = ScanSection(clean_file=Path("clean.tsv"), settings={"threshold": 34.6})
+    rows = [line for line in reading_lines(section, done, "scan_") if line.startswith("| before") or "after" in line]
+    assert rows[0].endswith("| backdoored |") and rows[1].endswith("| clean |")
+    plain = reading_lines(ScanSection(clean_file=Path("clean.tsv")), done, "scan_")
+    assert not any("verdict" in line or line.endswith("| clean |") for line in plain)

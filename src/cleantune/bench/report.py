@@ -389,18 +389,21 @@ def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[st
     scanned = done[done[f"{prefix}score"].notna()]
     if scan.population:
         parts += population_lines(scan, scanned, prefix)
+    threshold = scan.readings()[prefix].get("threshold")  # a verdict per model, where the reading sets one
+    verdict = f" verdict (score ≥ {threshold:g}) |" if threshold is not None else ""
     parts += [
         "| cell | poisoned rows | CACC | ASR | scan score | target label found | inverted trigger / answer "
-        "| planted word found | target right | scan s |",
-        "|---|---:|---:|---:|---:|---|---|---|---|---:|",
+        f"| planted word found | target right | scan s |{verdict}",
+        "|---|---:|---:|---:|---:|---|---|---|---|---:|" + ("---|" if verdict else ""),
     ]
     for r in scanned.to_dict("records"):
         found = " | ".join(_yes_no(r.get(f"{prefix}{k}_found")) for k in ("trigger", "target"))
         trigger = str(r[f"{prefix}trigger"]).replace("|", "/")
+        said = "" if threshold is None else f" {'backdoored' if r[f'{prefix}score'] >= threshold else 'clean'} |"
         parts.append(
             f"| {r['cell']} | {r['n_poisoned']:.0f} | {cell_text(pd.Series([r['cacc']]))} | "
             f"{cell_text(pd.Series([r['asr']]))} | {r[f'{prefix}score']:.1f} | {r.get(f'{prefix}target', '–')} | "
-            f"{trigger} | {found} | {r[f'{prefix}s']:.0f} |"
+            f"{trigger} | {found} | {r[f'{prefix}s']:.0f} |{said}"
         )
     failed = done[done[f"{prefix}error"].notna()] if f"{prefix}error" in done else done.iloc[:0]
     parts += [""] + [f"- scan failed for {r.cell}: {r[f'{prefix}error']}" for _, r in failed.iterrows()]
