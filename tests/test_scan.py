@@ -356,11 +356,16 @@ def test_a_generative_population_is_measured_by_the_planted_behaviour_in_its_inv
 
 def test_a_reading_with_a_threshold_gives_each_scanned_model_a_verdict():
     done = pd.DataFrame(
-        {"cell": ["before", "after"], "n_poisoned": [150, 150], "cacc": [80.0, 79.0], "asr": [95.0, 20.0],
-         "scan_score": [60.0, 34.5], "scan_s": [100, 100], "scan_trigger": ["cf", "great"]}
+        {"cell": ["before", "after", "floor"], "n_poisoned": [150, 150, 0], "cacc": [80.0, 79.0, 85.0],
+         "asr": [95.0, 20.0, 8.0], "scan_score": [60.0, 34.5, 40.0], "scan_s": [100] * 3,
+         "scan_trigger": ["cf", "great", "dull"], "scan_trigger_found": [True, False, False],
+         "scan_target_found": [True, True, True]}
     )  # fmt: skip
     section = ScanSection(clean_file=Path("clean.tsv"), settings={"threshold": 34.6})
-    rows = [line for line in reading_lines(section, done, "scan_") if line.startswith("| before") or "after" in line]
-    assert rows[0].endswith("| backdoored |") and rows[1].endswith("| clean |")
+    rows = [
+        line for line in reading_lines(section, done, "scan_") if line.startswith(("| before", "| after", "| floor"))
+    ]
+    assert rows[0].endswith("| yes | yes | 100 | backdoored |") and rows[1].endswith("| no | yes | 100 | clean |")
+    assert rows[2].endswith("| – | – | 100 | backdoored |")  # nothing planted at rate 0: nothing to find
     plain = reading_lines(ScanSection(clean_file=Path("clean.tsv")), done, "scan_")
     assert not any("verdict" in line or line.endswith("| clean |") for line in plain)

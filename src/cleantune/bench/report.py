@@ -398,6 +398,7 @@ def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[st
     ]
     for r in scanned.to_dict("records"):
         found = " | ".join(_yes_no(r.get(f"{prefix}{k}_found")) for k in ("trigger", "target"))
+        found = found if r["n_poisoned"] > 0 else "– | –"  # an attack at rate 0 planted nothing to find
         trigger = str(r[f"{prefix}trigger"]).replace("|", "/")
         said = "" if threshold is None else f" {'backdoored' if r[f'{prefix}score'] >= threshold else 'clean'} |"
         parts.append(
