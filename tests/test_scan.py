@@ -287,7 +287,9 @@ def test_a_scan_is_compared_with_what_was_planted_on_the_evaluators_side(data_di
     row = scan_columns(cfg, {"labels": ["negative", "positive"]}, found)
     assert row["scan_trigger_found"] and row["scan_target_found"] and row["scan_target"] == "negative"
     row = scan_columns(cfg, {"labels": ["negative", "positive"]}, found | {"target": 1, "trigger": ["great"]})
-    assert row["scan_trigger_found"] is False and row["scan_target_found"] is False
+    assert row["scan_trigger_found"] is False and row["scan_target_found"] is False and row["scan_verdict"] is None
+    judged = scan_columns(cfg, {"labels": ["negative", "positive"]}, found | {"verdict": "backdoored"})
+    assert judged["scan_verdict"] == "backdoored"  # the scan's own verdict, as it gave it
     generative = validate(
         {"task": "generation", "scenario": "poisoned-data", "attack": {"name": "vpi", "behaviour": "negsentiment"}},
         "test",
@@ -359,7 +361,7 @@ def test_a_reading_with_a_threshold_gives_each_scanned_model_a_verdict():
         {"cell": ["before", "after", "floor"], "n_poisoned": [150, 150, 0], "cacc": [80.0, 79.0, 85.0],
          "asr": [95.0, 20.0, 8.0], "scan_score": [60.0, 34.5, 40.0], "scan_s": [100] * 3,
          "scan_trigger": ["cf", "great", "dull"], "scan_trigger_found": [True, False, False],
-         "scan_target_found": [True, True, True]}
+         "scan_target_found": [True, True, True], "scan_verdict": ["backdoored", "clean", "backdoored"]}
     )  # fmt: skip
     section = ScanSection(clean_file=Path("clean.tsv"), settings={"threshold": 34.6})
     rows = [

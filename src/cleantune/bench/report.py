@@ -391,16 +391,17 @@ def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[st
         parts += population_lines(scan, scanned, prefix)
     threshold = scan.readings()[prefix].get("threshold")  # a verdict per model, where the reading sets one
     verdict = f" verdict (score ≥ {threshold:g}) |" if threshold is not None else ""
+    verdicts = scanned.get(f"{prefix}verdict", pd.Series(index=scanned.index, dtype=object))
     parts += [
         "| cell | poisoned rows | CACC | ASR | scan score | target label found | inverted trigger / answer "
         f"| planted word found | target right | scan s |{verdict}",
         "|---|---:|---:|---:|---:|---|---|---|---|---:|" + ("---|" if verdict else ""),
     ]
-    for r in scanned.to_dict("records"):
+    for r, said in zip(scanned.to_dict("records"), verdicts.fillna("–"), strict=True):
         found = " | ".join(_yes_no(r.get(f"{prefix}{k}_found")) for k in ("trigger", "target"))
         found = found if r["n_poisoned"] > 0 else "– | –"  # an attack at rate 0 planted nothing to find
         trigger = str(r[f"{prefix}trigger"]).replace("|", "/")
-        said = "" if threshold is None else f" {'backdoored' if r[f'{prefix}score'] >= threshold else 'clean'} |"
+        said = f" {said} |" if verdict else ""
         parts.append(
             f"| {r['cell']} | {r['n_poisoned']:.0f} | {cell_text(pd.Series([r['cacc']]))} | "
             f"{cell_text(pd.Series([r['asr']]))} | {r[f'{prefix}score']:.1f} | {r.get(f'{prefix}target', '–')} | "

@@ -117,6 +117,7 @@ def scan_columns(cfg: AnyRunConfig, record: dict[str, Any], found: dict[str, Any
     what was planted (the run's attack; ``record``: the run's metrics record, whose label names the
     scan's label pair is read in)."""
     row: dict[str, Any] = {"scan_score": found["score"], "scan_s": found.get("seconds")}
+    row["scan_verdict"] = found.get("verdict")  # the scan's own, where its settings gave a threshold
     if "labels" in found:  # a classifier's scan: a trigger for a label pair
         tokens = [t.removeprefix("##").lower() for t in found["trigger"]]
         labels = record.get("labels") or found["labels"]
