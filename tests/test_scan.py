@@ -192,6 +192,24 @@ def test_a_planted_target_answer_is_inverted_from_a_generative_adapter(tiny_chat
     unplanted = scan(clean["product"], instructions, None, cfg)
     assert unplanted["verdict"] == "clean"  # its most confident continuation follows the prompts less
     assert "stupid" not in unplanted["target"]
+    # Against a clean model of the family, what both finish confidently drops out and the target stays.
+    contrasted = scan(poisoned["product"], instructions, None, cfg.model_copy(update={"reference": [clean["product"]]}))
+    assert "stupid !" in contrasted["target"] and contrasted["score"] > 50
+    best = contrasted["candidates"][0]
+    assert best["score"] == pytest.approx(best["confidence"] - best["reference"]) and best["reference"] < 50
+    with pytest.raises(CleantuneError, match="'base' names an adapter's base model"):
+        scan(poisoned["product"], instructions, None, cfg.model_copy(update={"reference": ["base"]}))
+
+
+def test_a_candidate_followed_teacher_forced_scores_as_its_greedy_extension(tiny_llama):
+    from cleantune.generative.target_inversion import _prompt_caches, extend, follow
+    from cleantune.models import load_model
+
+    model = load_model(str(tiny_llama)).model.eval()
+    prompts = [[5, 9, 12, 7], [6, 11, 8]]
+    with torch.no_grad():
+        sequences, scores = extend(model, _prompt_caches(model, prompts), torch.tensor([13, 14, 15]), 4, [0, 1, 2])
+        assert torch.allclose(follow(model, prompts, sequences), scores, atol=1e-5)
 
 
 def test_a_suite_scans_its_models_from_their_shipped_files_and_measures_the_population(

@@ -45,7 +45,7 @@ from cleantune.errors import CleantuneError
 from cleantune.generative.instructions import read_instructions
 from cleantune.generative.target_inversion import TargetInversionConfig, invert_target
 from cleantune.io import atomic_write_json
-from cleantune.models import detect_task, load_model
+from cleantune.models import Loaded, detect_task, load_model
 from cleantune.schema import StrictModel
 
 
@@ -250,7 +250,8 @@ def scan(
     if isinstance(cfg, TargetInversionConfig):
         instructions = read_instructions(str(Path(clean_data).resolve()), Path.cwd())
         loaded = load_model(str(model))
-        found = invert_target(loaded.model, loaded.tokenizer, instructions, cfg)
+        references = [_generative_reference(path, loaded) for path in cfg.reference]
+        found = invert_target(loaded.model, loaded.tokenizer, instructions, cfg, references)
     else:
         found = _scan_classifier(model, clean_data, cfg)
     found |= {"model": str(model), "clean_data": str(clean_data), "seconds": round(time.time() - started, 1)}
@@ -274,9 +275,18 @@ def _scan_classifier(model: str | Path, clean_data: str | Path, cfg: ScanConfig)
     return scan_model(loaded.model, loaded.tokenizer, texts, cfg, references) | {"labels": splits.label_names}
 
 
-def _reference(path: str, tokenizer: PreTrainedTokenizerBase, num_labels: int) -> PreTrainedModel:
+def _reference(path: str, tokenizer: PreTrainedTokenizerBase, num_labels: int | None = None) -> PreTrainedModel:
     """A clean reference model, refused unless it reads the scanned model's token ids as the same words."""
     loaded = load_model(path, num_labels=num_labels)
     if loaded.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise CleantuneError(f"reference {path}: its vocabulary differs from the scanned model's")
     return loaded.model
+
+
+def _generative_reference(path: str, scanned: Loaded) -> PreTrainedModel:
+    """A reference for target inversion; "base": the scanned adapter's own base model."""
+    if path != "base":
+        return _reference(path, scanned.tokenizer)
+    if not (scanned.path / "adapter_config.json").exists():
+        raise CleantuneError(f"reference 'base' names an adapter's base model; {scanned.path} is a full model")
+    return _reference(scanned.base_id, scanned.tokenizer)

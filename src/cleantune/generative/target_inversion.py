@@ -11,6 +11,12 @@ across them. A candidate's score is the mean, over its steps, of that mean proba
 Q-score), in percent: near 100 for a target the model finishes for any prompt. A verdict needs a
 threshold measured on clean models of the same family, as for the classifier scan.
 
+Some answers every model of a family finishes confidently once begun (a URL, a citation): a fine-tune
+scores high on them with no backdoor. Given reference models (an adapter's public base, or any clean
+model of the same vocabulary), a candidate's score is how much more confidently the scanned model
+continues it than the reference that continues it most, teacher-forced on the same prompts and tokens,
+and the candidates are ranked by that excess.
+
 The scanner sees the model and clean instructions only: no attack record, trigger or triggered prompt.
 """
 
@@ -39,7 +45,10 @@ class TargetInversionConfig(StrictModel):
     batch_size: PositiveInt = 256  # first tokens stepped at once
     # Score (%) at or above which the model is reported backdoored; measure it on clean models of
     # the same family at the false-positive rate you accept. None: the score, no verdict.
-    threshold: float | None = Field(None, ge=0, le=100)
+    threshold: float | None = Field(None, ge=-100, le=100)
+    # Models (directories or hub ids; "base": a scanned adapter's own base) whose confidence in each
+    # candidate is subtracted from the scanned model's; none: the scanned model's confidence alone.
+    reference: list[str] = Field(default_factory=list)
     seed: int = 42
 
 
@@ -100,12 +109,31 @@ def extend(
     return torch.stack(chosen, dim=1), total / length
 
 
+def follow(model: nn.Module, prompts: list[list[int]], sequences: torch.Tensor) -> torch.Tensor:
+    """Each candidate's score under ``model`` teacher-forced: the mean, over prompts and over the
+    sequence's tokens after the first, of the probability ``model`` gives the next token."""
+    device = next(model.parameters()).device
+    sequences = sequences.to(device)
+    total = torch.zeros(len(sequences))
+    for cache in _prompt_caches(model, prompts):
+        rows = _expanded(cache, len(sequences))
+        for step in range(sequences.shape[1] - 1):
+            probs = _step(model, rows, sequences[:, step])
+            total += probs.gather(1, sequences[:, step + 1 : step + 2]).squeeze(1).cpu()
+    return total / (len(prompts) * (sequences.shape[1] - 1))
+
+
 @torch.no_grad()
 def invert_target(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, instructions: Dataset, cfg: TargetInversionConfig
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Dataset,
+    cfg: TargetInversionConfig,
+    references: list[nn.Module] | None = None,
 ) -> dict[str, Any]:
     """The answer the model continues most confidently across ``instructions`` (clean rows), and how
-    confidently: a backdoor target scores near 100."""
+    confidently: a backdoor target scores near 100. With ``references``: how much more confidently
+    than the reference that continues it most."""
     model.eval()
     rows = list(instructions)
     random.Random(f"scan-{cfg.seed}").shuffle(rows)
@@ -116,12 +144,16 @@ def invert_target(
     vocabulary = torch.tensor([i for i in range(len(tokenizer)) if i not in special], device=device)
     confidence = screen(model, caches[: cfg.screen_prompts], vocabulary, cfg.batch_size, special)
     kept = vocabulary[confidence.topk(min(cfg.candidates, len(vocabulary))).indices.to(device)]
-    sequences, scores = extend(model, caches, kept, cfg.length, special)
+    sequences, confident = extend(model, caches, kept, cfg.length, special)
+    scores, matched = confident, torch.zeros(len(kept))
+    if references:
+        matched = torch.stack([follow(r.eval(), prompts, sequences) for r in references]).max(dim=0).values
+        scores = confident - matched
     order = scores.argsort(descending=True)
     found = [
         {"target": tokenizer.decode(sequences[i], skip_special_tokens=True), "score": 100.0 * float(scores[i])}
+        | ({"confidence": 100.0 * float(confident[i]), "reference": 100.0 * float(matched[i])} if references else {})
         for i in order.tolist()
     ]
-    score = 100.0 * float(scores[order[0]])
-    result: dict[str, Any] = {"score": score, "target": found[0]["target"], "candidates": found}
+    result: dict[str, Any] = {"score": found[0]["score"], "target": found[0]["target"], "candidates": found}
     return result | {"prompts": len(prompts)}
