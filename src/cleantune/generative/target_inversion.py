@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -129,7 +130,7 @@ def invert_target(
     tokenizer: PreTrainedTokenizerBase,
     instructions: Dataset,
     cfg: TargetInversionConfig,
-    references: list[nn.Module] | None = None,
+    references: Sequence[nn.Module] = (),
 ) -> dict[str, Any]:
     """The answer the model continues most confidently across ``instructions`` (clean rows), and how
     confidently: a backdoor target scores near 100. With ``references``: how much more confidently
