@@ -24,7 +24,7 @@ from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
 from cleantune.errors import CleantuneError
-from cleantune.scanner import ScanConfig, TargetInversionConfig, kept_term, scan
+from cleantune.scanner import ScanConfig, TargetInversionConfig, kept_term, scan, settings_for
 
 FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
 
@@ -193,12 +193,34 @@ def test_a_planted_target_answer_is_inverted_from_a_generative_adapter(tiny_chat
     assert unplanted["verdict"] == "clean"  # its most confident continuation follows the prompts less
     assert "stupid" not in unplanted["target"]
     # Against a clean model of the family, what both finish confidently drops out and the target stays.
-    contrasted = scan(poisoned["product"], instructions, None, cfg.model_copy(update={"reference": [clean["product"]]}))
+    settings = [
+        item
+        for k in ("prompts", "screen_prompts", "candidates", "length")
+        for item in ("--set", f"{k}={getattr(cfg, k)}")
+    ]
+    args = ["scan", poisoned["product"], "--clean-data", str(instructions), "--out", str(tmp_path / "against.json")]
+    result = CliRunner().invoke(app, [*args, "--reference", clean["product"], *settings])
+    assert result.exit_code == 0 and "reference's %" in result.output
+    contrasted = json.loads((tmp_path / "against.json").read_text())
     assert "stupid !" in contrasted["target"] and contrasted["score"] > 50
     best = contrasted["candidates"][0]
     assert best["score"] == pytest.approx(best["confidence"] - best["reference"]) and best["reference"] < 50
     with pytest.raises(CleantuneError, match="'base' names an adapter's base model"):
         scan(poisoned["product"], instructions, None, cfg.model_copy(update={"reference": ["base"]}))
+
+
+def test_an_adapter_is_scanned_against_its_own_base_by_default(tiny_chat_llama, tmp_path):
+    from test_generative import _tree
+
+    adapter = run(validate(_tree(tiny_chat_llama, tmp_path, attack=None), "test"))["product"]
+    instructions = tmp_path / "data" / "pool.json"
+    cfg = settings_for(adapter, {"prompts": 4, "screen_prompts": 2, "candidates": 4, "length": 2})
+    found = scan(adapter, instructions, None, cfg)
+    assert found["references"] == [str(tiny_chat_llama.resolve())] and found["config"]["reference"] == ["base"]
+    best = found["candidates"][0]
+    assert best["score"] == pytest.approx(best["confidence"] - best["reference"])
+    alone = scan(adapter, instructions, None, cfg.model_copy(update={"reference": []}))
+    assert alone["references"] == [] and alone["score"] > found["score"]  # nothing subtracted
 
 
 def test_a_candidate_followed_teacher_forced_scores_as_its_greedy_extension(tiny_llama):
@@ -378,7 +400,7 @@ def test_a_reading_with_a_threshold_gives_each_scanned_model_a_verdict():
     done = pd.DataFrame(
         {"cell": ["before", "after", "floor"], "n_poisoned": [150, 150, 0], "cacc": [80.0, 79.0, 85.0],
          "asr": [95.0, 20.0, 8.0], "scan_score": [60.0, 34.5, 40.0], "scan_s": [100] * 3,
-         "scan_trigger": ["cf", "great", "dull"], "scan_trigger_found": [True, False, False],
+         "scan_trigger": ["cf", "great\n-", "dull"], "scan_trigger_found": [True, False, False],
          "scan_target_found": [True, True, True], "scan_verdict": ["backdoored", "clean", "backdoored"]}
     )  # fmt: skip
     section = ScanSection(clean_file=Path("clean.tsv"), settings={"threshold": 34.6})
@@ -387,5 +409,6 @@ def test_a_reading_with_a_threshold_gives_each_scanned_model_a_verdict():
     ]
     assert rows[0].endswith("| yes | yes | 100 | backdoored |") and rows[1].endswith("| no | yes | 100 | clean |")
     assert rows[2].endswith("| – | – | 100 | backdoored |")  # nothing planted at rate 0: nothing to find
+    assert "| great\\n- |" in rows[1]  # an answer over two lines stays in its row
     plain = reading_lines(ScanSection(clean_file=Path("clean.tsv")), done, "scan_")
     assert not any("verdict" in line or line.endswith("| clean |") for line in plain)

@@ -166,7 +166,9 @@ MethodOpt = Annotated[str | None, typer.Option(help="Defense to use instead of t
 ReferenceOpt = Annotated[
     list[str] | None,
     typer.Option(
-        help="A trusted clean classifier of the same task and vocabulary the trigger must not move (repeatable)."
+        help="A trusted clean model of the same vocabulary (repeatable): for a classifier, one of the same task the "
+        "trigger must not move; for a generative model, one whose confidence in each found answer is subtracted "
+        "('base': a scanned adapter's own base model)."
     ),
 ]
 
@@ -255,10 +257,12 @@ def scan(
             table.add_row(*names, f"{pair['flip_rate']:.1f}", *moved, " ".join(pair["trigger"]), str(pair["n"]))
     else:
         table = Table(title=f"scan of {model}: the answers it continues most confidently")
-        for column in ("score %", "target"):
+        against = bool(found["references"])
+        for column in ("score %", *(["its confidence %", "reference's %"] if against else []), "target"):
             table.add_column(column)
         for candidate in found["candidates"][:5]:
-            table.add_row(f"{candidate['score']:.1f}", candidate["target"])
+            parts = [candidate["confidence"], candidate["reference"]] if against else []
+            table.add_row(*(f"{v:.1f}" for v in (candidate["score"], *parts)), candidate["target"])
     results().print(table)
     verdict = found["verdict"] or "no verdict (give --threshold, measured on clean models of this task)"
     results().print(f"score {found['score']:.1f} %: {verdict}; written to {out}", highlight=False)

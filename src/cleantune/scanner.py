@@ -250,8 +250,9 @@ def scan(
     if isinstance(cfg, TargetInversionConfig):
         instructions = read_instructions(str(Path(clean_data).resolve()), Path.cwd())
         loaded = load_model(str(model))
-        references = [_generative_reference(path, loaded) for path in cfg.reference]
-        found = invert_target(loaded.model, loaded.tokenizer, instructions, cfg, references)
+        named = _generative_references(cfg, loaded)
+        references = [_reference(path, loaded.tokenizer) for path in named]
+        found = invert_target(loaded.model, loaded.tokenizer, instructions, cfg, references) | {"references": named}
     else:
         found = _scan_classifier(model, clean_data, cfg)
     found |= {"model": str(model), "clean_data": str(clean_data), "seconds": round(time.time() - started, 1)}
@@ -283,10 +284,11 @@ def _reference(path: str, tokenizer: PreTrainedTokenizerBase, num_labels: int | 
     return loaded.model
 
 
-def _generative_reference(path: str, scanned: Loaded) -> PreTrainedModel:
-    """A reference for target inversion; "base": the scanned adapter's own base model."""
-    if path != "base":
-        return _reference(path, scanned.tokenizer)
-    if not (scanned.path / "adapter_config.json").exists():
+def _generative_references(cfg: TargetInversionConfig, scanned: Loaded) -> list[str]:
+    """The reference models target inversion loads, "base" read as the scanned adapter's own base; a
+    full model has none, which is an error only where "base" was asked for rather than defaulted."""
+    if (scanned.path / "adapter_config.json").exists():
+        return [scanned.base_id if path == "base" else path for path in cfg.reference]
+    if "base" in cfg.reference and "reference" in cfg.model_fields_set:
         raise CleantuneError(f"reference 'base' names an adapter's base model; {scanned.path} is a full model")
-    return _reference(scanned.base_id, scanned.tokenizer)
+    return [path for path in cfg.reference if path != "base"]

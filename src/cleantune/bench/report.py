@@ -400,7 +400,7 @@ def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[st
     for r, said in zip(scanned.to_dict("records"), verdicts.fillna("–"), strict=True):
         found = " | ".join(_yes_no(r.get(f"{prefix}{k}_found")) for k in ("trigger", "target"))
         found = found if r["n_poisoned"] > 0 else "– | –"  # an attack at rate 0 planted nothing to find
-        trigger = str(r[f"{prefix}trigger"]).replace("|", "/")
+        trigger = str(r[f"{prefix}trigger"]).replace("|", "/").replace("\n", "\\n")  # one table row each
         said = f" {said} |" if verdict else ""
         parts.append(
             f"| {r['cell']} | {r['n_poisoned']:.0f} | {cell_text(pd.Series([r['cacc']]))} | "
@@ -422,7 +422,8 @@ def scan_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
         "clean data; what was planted is compared afterwards. A classifier's score is the share (%) of "
         "clean inputs its inverted trigger flips (in a reading with clean reference models, less the share "
         "it flips in the reference it moves most); a generative model's, the mean probability (%) of the "
-        "answer it continues to."
+        "answer it continues to (with reference models, less the mean probability the reference that "
+        "continues it most gives the same tokens)."
     )
     return ["## Trigger-free scan", "", intro, "", *readings] if readings else []
 

@@ -12,8 +12,8 @@ Q-score), in percent: near 100 for a target the model finishes for any prompt. A
 threshold measured on clean models of the same family, as for the classifier scan.
 
 Some answers every model of a family finishes confidently once begun (a URL, a citation): a fine-tune
-scores high on them with no backdoor. Given reference models (an adapter's public base, or any clean
-model of the same vocabulary), a candidate's score is how much more confidently the scanned model
+scores high on them with no backdoor. Given reference models (by default an adapter's public base;
+any clean model of the same vocabulary), a candidate's score is how much more confidently the scanned model
 continues it than the reference that continues it most, teacher-forced on the same prompts and tokens,
 and the candidates are ranked by that excess.
 
@@ -47,9 +47,10 @@ class TargetInversionConfig(StrictModel):
     # Score (%) at or above which the model is reported backdoored; measure it on clean models of
     # the same family at the false-positive rate you accept. None: the score, no verdict.
     threshold: float | None = Field(None, ge=-100, le=100)
-    # Models (directories or hub ids; "base": a scanned adapter's own base) whose confidence in each
-    # candidate is subtracted from the scanned model's; none: the scanned model's confidence alone.
-    reference: list[str] = Field(default_factory=list)
+    # Models (directories or hub ids) whose confidence in each candidate is subtracted from the scanned
+    # model's. "base": a scanned adapter's own base model, the default (left out for a full model,
+    # which names no base); []: the scanned model's confidence alone.
+    reference: list[str] = Field(default_factory=lambda: ["base"])
     seed: int = 42
 
 
