@@ -221,6 +221,9 @@ def test_an_adapter_is_scanned_against_its_own_base_by_default(tiny_chat_llama, 
     assert best["score"] == pytest.approx(best["confidence"] - best["reference"])
     alone = scan(adapter, instructions, None, cfg.model_copy(update={"reference": []}))
     assert alone["references"] == [] and alone["score"] > found["score"]  # nothing subtracted
+    # The adapter disabled reads as its base loaded on its own.
+    loaded = scan(adapter, instructions, None, cfg.model_copy(update={"reference": [str(tiny_chat_llama)]}))
+    assert loaded["score"] == pytest.approx(found["score"], abs=1e-4)
 
 
 def test_a_candidate_followed_teacher_forced_scores_as_its_greedy_extension(tiny_llama):

@@ -250,9 +250,10 @@ def scan(
     if isinstance(cfg, TargetInversionConfig):
         instructions = read_instructions(str(Path(clean_data).resolve()), Path.cwd())
         loaded = load_model(str(model))
-        named = _generative_references(cfg, loaded)
+        named, base = _generative_references(cfg, loaded)
         references = [_reference(path, loaded.tokenizer) for path in named]
-        found = invert_target(loaded.model, loaded.tokenizer, instructions, cfg, references) | {"references": named}
+        found = invert_target(loaded.model, loaded.tokenizer, instructions, cfg, references, base)
+        found["references"] = [loaded.base_id] * base + named
     else:
         found = _scan_classifier(model, clean_data, cfg)
     found |= {"model": str(model), "clean_data": str(clean_data), "seconds": round(time.time() - started, 1)}
@@ -284,11 +285,12 @@ def _reference(path: str, tokenizer: PreTrainedTokenizerBase, num_labels: int | 
     return loaded.model
 
 
-def _generative_references(cfg: TargetInversionConfig, scanned: Loaded) -> list[str]:
-    """The reference models target inversion loads, "base" read as the scanned adapter's own base; a
-    full model has none, which is an error only where "base" was asked for rather than defaulted."""
-    if (scanned.path / "adapter_config.json").exists():
-        return [scanned.base_id if path == "base" else path for path in cfg.reference]
-    if "base" in cfg.reference and "reference" in cfg.model_fields_set:
+def _generative_references(cfg: TargetInversionConfig, scanned: Loaded) -> tuple[list[str], bool]:
+    """The reference models target inversion loads, and whether the scanned adapter's own base is one
+    ("base"); a full model has no base, which is an error only where it was asked for, not defaulted."""
+    named = [path for path in cfg.reference if path != "base"]
+    if "base" not in cfg.reference or (scanned.path / "adapter_config.json").exists():
+        return named, "base" in cfg.reference
+    if "reference" in cfg.model_fields_set:
         raise CleantuneError(f"reference 'base' names an adapter's base model; {scanned.path} is a full model")
-    return [path for path in cfg.reference if path != "base"]
+    return named, False

@@ -25,10 +25,11 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from pydantic import Field, PositiveInt
 from torch import nn
 from tqdm.auto import tqdm
@@ -132,10 +133,12 @@ def invert_target(
     instructions: Dataset,
     cfg: TargetInversionConfig,
     references: Sequence[nn.Module] = (),
+    base: bool = False,
 ) -> dict[str, Any]:
     """The answer the model continues most confidently across ``instructions`` (clean rows), and how
-    confidently: a backdoor target scores near 100. With ``references``: how much more confidently
-    than the reference that continues it most."""
+    confidently: a backdoor target scores near 100. With ``references`` (and with ``base``, the scanned
+    PEFT model's base, read with its adapter disabled rather than loaded again): how much more
+    confidently than the reference that continues it most."""
     model.eval()
     rows = list(instructions)
     random.Random(f"scan-{cfg.seed}").shuffle(rows)
@@ -147,14 +150,18 @@ def invert_target(
     confidence = screen(model, caches[: cfg.screen_prompts], vocabulary, cfg.batch_size, special)
     kept = vocabulary[confidence.topk(min(cfg.candidates, len(vocabulary))).indices.to(device)]
     sequences, confident = extend(model, caches, kept, cfg.length, special)
+    followed = [follow(r.eval(), prompts, sequences) for r in references]
+    if base:
+        with cast(PeftModel, model).disable_adapter():
+            followed.append(follow(model, prompts, sequences))
     scores, matched = confident, torch.zeros(len(kept))
-    if references:
-        matched = torch.stack([follow(r.eval(), prompts, sequences) for r in references]).max(dim=0).values
+    if followed:
+        matched = torch.stack(followed).max(dim=0).values
         scores = confident - matched
     order = scores.argsort(descending=True)
     found = [
         {"target": tokenizer.decode(sequences[i], skip_special_tokens=True), "score": 100.0 * float(scores[i])}
-        | ({"confidence": 100.0 * float(confident[i]), "reference": 100.0 * float(matched[i])} if references else {})
+        | ({"confidence": 100.0 * float(confident[i]), "reference": 100.0 * float(matched[i])} if followed else {})
         for i in order.tolist()
     ]
     result: dict[str, Any] = {"score": found[0]["score"], "target": found[0]["target"], "candidates": found}
