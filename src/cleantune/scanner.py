@@ -288,8 +288,10 @@ def _reference(path: str, tokenizer: PreTrainedTokenizerBase, num_labels: int | 
 def _generative_references(cfg: TargetInversionConfig, scanned: Loaded) -> tuple[list[str], bool]:
     """The reference models target inversion loads, and whether the scanned adapter's own base is one
     ("base"); a full model has no base, which is an error only where it was asked for, not defaulted."""
+    from peft import PeftModel
+
     named = [path for path in cfg.reference if path != "base"]
-    if "base" not in cfg.reference or (scanned.path / "adapter_config.json").exists():
+    if "base" not in cfg.reference or isinstance(scanned.model, PeftModel):
         return named, "base" in cfg.reference
     if "reference" in cfg.model_fields_set:
         raise CleantuneError(f"reference 'base' names an adapter's base model; {scanned.path} is a full model")
