@@ -1,4 +1,4 @@
-"""The trigger-free scanner on tiny BERT classifiers: one with a one-word backdoor, one without."""
+"""The trigger-free scanner on tiny classifiers (BERT, a Llama decoder) with and without a one-word backdoor."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
 from typer.testing import CliRunner
 
 from cleantune.api import purify
-from cleantune.bench.report import population_lines, reading_lines, write_report
+from cleantune.bench.report import population_lines, reading_lines, scan_section, write_report
 from cleantune.bench.runner import read_results, run_suite, upsert
 from cleantune.bench.scanning import clean_file, reusable, scan_columns, shipped_copy
 from cleantune.bench.suite import ScanSection, SuiteConfig
@@ -24,7 +24,16 @@ from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import run
 from cleantune.errors import CleantuneError
-from cleantune.scanner import ScanConfig, TargetInversionConfig, kept_term, scan, settings_for
+from cleantune.models import load_model
+from cleantune.scanner import (
+    ScanConfig,
+    TargetInversionConfig,
+    kept_term,
+    scan,
+    settings_for,
+    tokenised,
+    with_trigger,
+)
 
 FAST = ScanConfig(tokens=1, steps=60, samples=24, holdout=60, max_length=32, threshold=80)
 
@@ -51,9 +60,9 @@ def strong_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def classifier(data_dir: Path, tiny_bert: Path, out: Path, attack: dict) -> dict:
-    """A fully fine-tuned tiny BERT; with the backdoor, the word "mn" turns any input positive."""
-    tree = run_tree(data_dir, tiny_bert, out, attack=attack, defense={"name": "fft"})
+def classifier(data_dir: Path, model: Path, out: Path, attack: dict) -> dict:
+    """A fully fine-tuned tiny classifier; with the backdoor, the word "mn" turns any input positive."""
+    tree = run_tree(data_dir, model, out, attack=attack, defense={"name": "fft"})
     tree["train"] |= {"epochs": 20, "lr": 2e-3}
     return run(validate(tree, "test"))
 
@@ -79,6 +88,26 @@ def test_a_planted_one_word_backdoor_is_found_and_its_word_recovered(planted, un
     unplanted = scan(clean["product"], strong_data / "clean.tsv", None, FAST)
     assert unplanted["score"] < 80 and unplanted["verdict"] == "clean"
     assert not set(unplanted["trigger"]) & set(TRIGGERS)
+
+
+@pytest.mark.parametrize(("fixture", "decoder", "lead"), [("tiny_bert", False, ["[CLS]"]), ("tiny_llama", True, [])])
+def test_a_trigger_goes_in_front_of_each_text_wherever_its_padding_puts_it(request, fixture, decoder, lead):
+    tokenizer = load_model(request.getfixturevalue(fixture), num_labels=2).tokenizer
+    batch = tokenised(tokenizer, ["good", "bad cold dull"], FAST, decoder)[0]
+    assert bool(batch["attention_mask"][0, 0]) is not decoder  # a decoder's short text padded on the left
+    trigger = torch.tensor(tokenizer.convert_tokens_to_ids(["mn"]))
+    ids, mask = with_trigger(batch["input_ids"], batch["attention_mask"], trigger, batch["start"])
+    words = [tokenizer.convert_ids_to_tokens(row[kept.bool()]) for row, kept in zip(ids, mask, strict=True)]
+    assert [w[: len(lead) + 2] for w in words] == [[*lead, "mn", "good"], [*lead, "mn", "bad"]]
+
+
+def test_a_decoder_classifiers_planted_word_is_found(strong_data, tiny_llama, tmp_path):
+    backdoor = {"name": "badnet", "triggers": ["mn"], "setting": "dirty", "rate": 0.3, "target_label": 1}
+    planted = classifier(strong_data, tiny_llama, tmp_path / "decoder", backdoor)
+    assert planted["metrics"]["asr"] >= 70  # "mn" anywhere in the text; the scan puts it in front
+    found = scan(planted["product"], strong_data / "clean.tsv", None, FAST)
+    assert found["trigger"] == ["mn"] and (found["source"], found["target"]) == (0, 1) and found["score"] >= 85
+    assert next(p["flip_rate"] for p in found["pairs"] if p["source"] == 1) < 50  # no word turns it negative
 
 
 @pytest.mark.parametrize(("objective", "clamp"), [(True, False), (True, True), (False, False)])
@@ -415,3 +444,41 @@ def test_a_reading_with_a_threshold_gives_each_scanned_model_a_verdict():
     assert "| great\\n- |" in rows[1]  # an answer over two lines stays in its row
     plain = reading_lines(ScanSection(clean_file=Path("clean.tsv")), done, "scan_")
     assert not any("verdict" in line or line.endswith("| clean |") for line in plain)
+
+
+DEFENDED = pd.DataFrame(
+    {"cell": ["bad__lora", "poison-bad", "bad__rora", "other__lora"], "dataset": ["d"] * 4, "model": ["m"] * 4,
+     "scenario": ["poisoned-weights"] * 4, "attack": ["bad", "bad", "bad", "other"], "seed": [42] * 4,
+     "defense": ["lora", "before defense", "rora", "lora"], "n_poisoned": [0, 1500, 0, 0],
+     "cacc": [85.0, 78.0, 84.0, 85.0], "asr": [97.0, 100.0, 12.0, 60.0], "scan_score": [80.0, 100.0, 20.0, 10.0],
+     "scan_s": [100] * 4, "scan_trigger": ["mn", "mn", "fun", "fun"], "scan_trigger_found": [True, True, False, False],
+     "scan_verdict": ["backdoored", "backdoored",
+     "clean", "clean"], "scan_loose_score": [1.0, 2.0, 3.0, 4.0]}
+)  # fmt: skip
+
+
+def test_outside_a_population_a_scan_reads_before_then_after_and_its_verdicts_are_checked_against_asr():
+    section = ScanSection(clean_file=Path("clean.tsv"), settings={"threshold": 34.6})
+    lines = reading_lines(section, DEFENDED, "scan_")
+    rows = [line for line in lines if line.startswith(("| bad", "| poison", "| other"))]
+    cells = [row.split(" | ")[0].removeprefix("| ") for row in rows]
+    assert cells == ["poison-bad", "bad__lora", "bad__rora", "other__lora"]  # the poisoned model before its products
+    assert rows[1].endswith("| yes | – | 100 | backdoored |")  # a product keeps the planted trigger to find
+    # Right: poison-bad, bad__lora (left, backdoored), bad__rora (gone, clean); wrong: other__lora (60 %, clean).
+    assert "3 of 4 right; backdoor left, called backdoored: 2 of 3; none left, called clean: 1 of 1" in "".join(lines)
+
+
+def test_the_scan_suite_gathers_other_suites_scans_before_and_after_their_defenses(tmp_path):
+    upsert(tmp_path / "defended.csv", DEFENDED.to_dict("records"), list(DEFENDED.columns))
+    suite = SuiteConfig.model_validate(
+        {"suite": "scan", "results_dir": str(tmp_path), "dataset": {}, "model": {}, "attack": {}, "defense": {},
+         "scan": {"clean_file": "clean.tsv", "gather": ["defended"]}}
+    )  # fmt: skip
+    lines = scan_section(suite, DEFENDED.iloc[:0])
+    rows = [line for line in lines if line.startswith("| defended |")]
+    assert rows[0] == "| defended | main reading | poison-bad | before defense | 100.00 | 100.0 | backdoored |"
+    assert len(rows) == 4  # the reading without verdicts (scan_loose_) is not gathered
+    assert any("3 of 4 right" in line for line in lines)
+    missing = suite.model_copy(update={"scan": ScanSection(clean_file=Path("c.tsv"), gather=["nowhere"])})
+    with pytest.raises(CleantuneError, match="gathers the scans of 'nowhere', which has no results"):
+        scan_section(missing, DEFENDED.iloc[:0])

@@ -1,16 +1,17 @@
 """Scanning a model for a backdoor without its trigger. A generative model goes to target inversion
-(``generative/target_inversion.py``); a classifier to trigger inversion in the style of DBS (Shen et
-al., 2022), on the model and clean data alone, here.
+(``generative/target_inversion.py``); a classifier (an encoder, or a decoder that scores its last
+token) to trigger inversion in the style of DBS (Shen et al., 2022), on the model and clean data
+alone, here.
 
 For each (source, target) label pair, a relaxed trigger of a few token slots (a softmax over the
 vocabulary per slot, its temperature lowered step by step until each slot settles on one token) is
-inserted after the first token of clean source-label inputs and optimised to turn them into the
-target label. The settled tokens are then inserted into other clean source-label inputs the model
-classifies correctly: the share turned into the target is the pair's flip rate, and the model's
-score is its most suspicious pair's. A backdoor gives a short trigger that flips nearly everything;
-a clean model's best few tokens flip fewer inputs. How many fewer depends on the task (a sentiment
-model is moved by ordinary sentiment words), so a verdict needs a threshold measured on clean
-models of the same task: without one the scan reports its score and no verdict.
+inserted at the start of clean source-label inputs (after an encoder's [CLS] or a decoder's BOS) and
+optimised to turn them into the target label. The settled tokens are then inserted into other clean
+source-label inputs the model classifies correctly: the share turned into the target is the pair's
+flip rate, and the model's score is its most suspicious pair's. A backdoor gives a short trigger that
+flips nearly everything; a clean model's best few tokens flip fewer inputs. How many fewer depends on
+the task (a sentiment model is moved by ordinary sentiment words), so a verdict needs a threshold
+measured on clean models of the same task: without one the scan reports its score and no verdict.
 
 Ordinary label words move every model of the task; a backdoor's trigger moves only its own. Given
 clean reference models of the same task and vocabulary (trusted ones: trained by the defender on
@@ -80,18 +81,16 @@ class ScanConfig(StrictModel):
         return self
 
 
-def _encoder_only(model: PreTrainedModel) -> None:
-    if is_decoder_classifier(model):
-        raise CleantuneError(f"scan inverts triggers of encoder classifiers; '{model.config.model_type}' is a decoder")
-
-
-def _with_trigger(ids: torch.Tensor, mask: torch.Tensor, trigger: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``trigger`` (slots, ...) inserted after each input's first token ([CLS])."""
-    rows = ids.shape[0]
-    slots = trigger.unsqueeze(0).expand(rows, *trigger.shape)
-    inserted = torch.cat([ids[:, :1], slots, ids[:, 1:]], dim=1)
-    ones = torch.ones(rows, trigger.shape[0], dtype=mask.dtype)
-    return inserted, torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+def with_trigger(
+    ids: torch.Tensor, mask: torch.Tensor, trigger: torch.Tensor, starts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``trigger`` (slots, ...) inserted into each row of ``ids`` (token ids or embeddings) at its
+    position in ``starts``, the attention mask grown to match."""
+    ones = torch.ones(trigger.shape[0], dtype=mask.dtype)
+    cut = starts.tolist()
+    inserted = torch.stack([torch.cat([row[:s], trigger, row[s:]]) for row, s in zip(ids, cut, strict=True)])
+    masks = torch.stack([torch.cat([row[:s], ones, row[s:]]) for row, s in zip(mask, cut, strict=True)])
+    return inserted, masks
 
 
 def _loss(
@@ -102,7 +101,8 @@ def _loss(
     lookup = cast(nn.Embedding, model.get_input_embeddings())
     embeds, mask = lookup(batch["input_ids"]), batch["attention_mask"]
     if weights is not None:
-        embeds, mask = _with_trigger(embeds, mask, weights @ lookup.weight)
+        embeds, mask = with_trigger(embeds, mask, weights @ lookup.weight, batch["start"])
+    # A decoder handed embeddings scores the last position: its inputs are padded on the left (tokenised).
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits
     return F.cross_entropy(logits, torch.full((embeds.shape[0],), label), reduction="none")
 
@@ -160,7 +160,7 @@ def predict(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], trig
     for batch in batches:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if trigger is not None:
-            ids, mask = _with_trigger(ids, mask, torch.tensor(trigger))
+            ids, mask = with_trigger(ids, mask, torch.tensor(trigger), batch["start"])
         found.append(model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1))
     return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
 
@@ -174,15 +174,32 @@ def flip_rate(
     return (100.0 * float(flipped.float().mean()) if len(flipped) else 0.0), len(flipped)
 
 
-def _batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: ScanConfig) -> list[dict[str, torch.Tensor]]:
+def _leading_specials(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many special tokens the tokenizer puts before a text ([CLS], BOS or none): a trigger goes after them."""
+    word = tokenizer("a", add_special_tokens=False)["input_ids"]
+    ids = tokenizer("a")["input_ids"]
+    return next(i for i in range(len(ids)) if ids[i : i + len(word)] == word)
+
+
+def tokenised(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: ScanConfig, decoder: bool
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenised in batches, each row's trigger position in ``start``; a decoder's padded on the left,
+    so that the last position it scores when handed embeddings is the last real token."""
     chunks = [texts[i : i + cfg.batch_size] for i in range(0, len(texts), cfg.batch_size)]
     limit = cfg.max_length - cfg.tokens  # room for the trigger
-    settings: dict[str, Any] = {"truncation": True, "max_length": limit, "padding": True}
-    return [dict(tokenizer(c, return_tensors="pt", return_token_type_ids=False, **settings)) for c in chunks]
+    side = "left" if decoder else "right"
+    settings: dict[str, Any] = {"truncation": True, "max_length": limit, "padding": True, "padding_side": side}
+    lead = _leading_specials(tokenizer)
+    batches = []
+    for chunk in chunks:
+        batch = dict(tokenizer(chunk, return_tensors="pt", return_token_type_ids=False, **settings))
+        batch["start"] = batch["attention_mask"].argmax(dim=1) + lead  # the first real token's place, past the lead
+        batches.append(batch)
+    return batches
 
 
 def _frozen(model: PreTrainedModel) -> PreTrainedModel:
-    _encoder_only(model)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -199,13 +216,14 @@ def scan_model(
     """Invert a trigger for every (source, target) pair of ``texts`` (clean inputs by label), against
     the clean ``references`` when given."""
     model, references = _frozen(model), [_frozen(r) for r in references or []]
+    decoder = is_decoder_classifier(model)  # an adapter answers for its base model
     banned = sorted(set(tokenizer.all_special_ids))
     pairs: list[dict[str, Any]] = []
     for source in sorted(texts):
         rows = texts[source][:]
         random.Random(f"scan-{cfg.seed}-{source}").shuffle(rows)
-        fit = _batches(tokenizer, rows[: cfg.samples], cfg)
-        held = _batches(tokenizer, rows[cfg.samples :][: cfg.holdout], cfg)
+        fit = tokenised(tokenizer, rows[: cfg.samples], cfg, decoder)
+        held = tokenised(tokenizer, rows[cfg.samples :][: cfg.holdout], cfg, decoder)
         # The inputs each model gets right without a trigger: the ones a trigger can flip.
         correct = [predict(m, held, None) == source for m in (model, *references)]
         for target in sorted(set(texts) - {source}):

@@ -25,6 +25,7 @@ from cleantune.io import atomic_write_text, save_figure  # noqa: E402
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
 BOUND = re.compile(r"^\s*(<=|>=|<|>|==)\s*(-?[0-9.]+)\s*$")
 GROUP = ["dataset", "model", "scenario"]
+BACKDOOR_LEFT = 50.0  # ASR (%) from which a scanned model still carries its backdoor: most triggered inputs flip
 
 
 def find_suite(name: str) -> SuiteConfig:
@@ -379,19 +380,48 @@ def population_lines(scan: ScanSection, scanned: pd.DataFrame, prefix: str) -> l
     ]  # fmt: skip
 
 
+def before_after(scanned: pd.DataFrame) -> pd.DataFrame:
+    """Scanned rows grouped by the model a defense started from (a poisoned model's own row first,
+    then the products trained from it or on the same poisoned data), so a scan reads before and after."""
+    keys = [k for k in [*GROUP, "attack", "seed"] if k in scanned]
+    after = scanned.defense != BEFORE_DEFENSE if "defense" in scanned else pd.Series(True, index=scanned.index)
+    return scanned.assign(_after=after).sort_values([*keys, "_after"], kind="stable").drop(columns="_after")
+
+
+def verdict_line(scanned: pd.DataFrame, verdicts: pd.Series) -> list[str]:
+    """How often a reading's verdict says what the planted trigger measures: a model whose ASR is at
+    least ``BACKDOOR_LEFT`` still carries the backdoor, one below it no longer does."""
+    judged = scanned.asr.notna() & verdicts.isin(["backdoored", "clean"])
+    left, called = scanned.asr[judged] >= BACKDOOR_LEFT, verdicts[judged] == "backdoored"
+    if not judged.any():
+        return []
+    return [
+        f"- verdict against the ASR the planted trigger gives (≥ {BACKDOOR_LEFT:g} %: a backdoor left): "
+        f"{int((left == called).sum())} of {int(judged.sum())} right; backdoor left, called backdoored: "
+        f"{int((left & called).sum())} of {int(left.sum())}; none left, called clean: "
+        f"{int((~left & ~called).sum())} of {int((~left).sum())}",
+        "",
+    ]
+
+
 def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[str]:
-    """One reading's results: its population measures, then each model's scan beside what was planted."""
+    """One reading's results: its population measures (or, outside a population, its verdicts against
+    the measured ASR), then each model's scan beside what was planted."""
     settings = ", ".join(f"{k} {v}" for k, v in scan.readings()[prefix].items()) or "defaults"
     name = prefix.removeprefix("scan_").strip("_") or "main reading"
     parts = [f"### {name} (settings: {settings})", ""]
     if f"{prefix}score" not in done:
         return [*parts, "Not run yet.", ""]
     scanned = done[done[f"{prefix}score"].notna()]
-    if scan.population:
-        parts += population_lines(scan, scanned, prefix)
     threshold = scan.readings()[prefix].get("threshold")  # a verdict per model, where the reading sets one
     verdict = f" verdict (score ≥ {threshold:g}) |" if threshold is not None else ""
+    if scan.population:
+        parts += population_lines(scan, scanned, prefix)
+    else:
+        scanned = before_after(scanned)
     verdicts = scanned.get(f"{prefix}verdict", pd.Series(index=scanned.index, dtype=object))
+    if verdict and not scan.population:
+        parts += verdict_line(scanned, verdicts)
     parts += [
         "| cell | poisoned rows | CACC | ASR | scan score | target label found | inverted trigger / answer "
         f"| planted word found | target right | scan s |{verdict}",
@@ -399,7 +429,10 @@ def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[st
     ]
     for r, said in zip(scanned.to_dict("records"), verdicts.fillna("–"), strict=True):
         found = " | ".join(_yes_no(r.get(f"{prefix}{k}_found")) for k in ("trigger", "target"))
-        found = found if r["n_poisoned"] > 0 else "– | –"  # an attack at rate 0 planted nothing to find
+        # A defended product inherits the backdoor of the model it started from; an attack at rate 0 on
+        # clean weights planted nothing to find.
+        planted = r["n_poisoned"] > 0 or r.get("scenario", "poisoned-data") != "poisoned-data"
+        found = found if planted else "– | –"
         trigger = str(r[f"{prefix}trigger"]).replace("|", "/").replace("\n", "\\n")  # one table row each
         said = f" {said} |" if verdict else ""
         parts.append(
@@ -412,11 +445,52 @@ def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[st
     return parts + [""]
 
 
+def other_results(suite: SuiteConfig, other: str, role: str) -> pd.DataFrame:
+    """The results table of the suite ``other`` that ``suite`` reads (``role``: what it reads it for)."""
+    csv = suite.results_dir / f"{other}.csv"
+    if not csv.exists():
+        raise CleantuneError(f"suite {suite.suite} {role} '{other}', which has no results ({csv})")
+    return read_results(csv)
+
+
+def gathered_lines(suite: SuiteConfig, gather: list[str]) -> list[str]:
+    """The scans the ``gather`` suites ran before and after their defenses, every reading of theirs
+    that gives a verdict, in one table with those verdicts against the measured ASR."""
+    frames = []
+    for other in gather:
+        theirs = other_results(suite, other, "gathers the scans of")
+        for verdict in (c for c in theirs.columns if c.startswith("scan_") and c.endswith("_verdict")):
+            prefix = verdict.removesuffix("verdict")
+            rows = before_after(theirs[theirs[verdict].notna()])
+            name = prefix.removeprefix("scan_").strip("_") or "main reading"
+            frames.append(rows.assign(suite=other, reading=name, score=rows[f"{prefix}score"], verdict=rows[verdict]))
+    if not frames:
+        return []
+    rows = pd.concat(frames, ignore_index=True)
+    lines = [
+        "### Before and after the defenses of other suites",
+        "",
+        f"The poisoned models and defended products of {', '.join(gather)} scanned with each of their "
+        "readings that gives a verdict (its threshold measured here); where a defense trained on poisoned "
+        "data, the undefended training run is the before.",
+        "",
+        *verdict_line(rows, rows.verdict),
+        "| suite | reading | cell | defense | ASR | scan score | verdict |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
+    for r in rows.itertuples():
+        asr = cell_text(pd.Series([r.asr]))
+        lines.append(f"| {r.suite} | {r.reading} | {r.cell} | {r.defense} | {asr} | {r.score:.1f} | {r.verdict} |")
+    return [*lines, ""]
+
+
 def scan_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
-    """Each model's trigger-free scan against what was planted; for a population, how well it separates."""
+    """Each model's trigger-free scan against what was planted; for a population, how well it separates;
+    and the scans other suites ran before and after their defenses, where this suite gathers them."""
     if suite.scan is None:
         return []
     readings = [line for prefix in suite.scan.readings() for line in reading_lines(suite.scan, done, prefix)]
+    readings += gathered_lines(suite, suite.scan.gather) if suite.scan.gather else []
     intro = (
         "Each model scanned as a defender would (`cleantune scan`), from its shipped files alone and "
         "clean data; what was planted is compared afterwards. A classifier's score is the share (%) of "
@@ -462,10 +536,7 @@ def compared_rows(suite: SuiteConfig, done: pd.DataFrame) -> pd.DataFrame:
     keys = [*GROUP, "attack"]
     frames = []
     for other in suite.compare_with:
-        csv = suite.results_dir / f"{other}.csv"
-        if not csv.exists():
-            raise CleantuneError(f"suite {suite.suite} compares with '{other}', which has no results ({csv})")
-        theirs = pd.read_csv(csv)
+        theirs = other_results(suite, other, "compares with")
         theirs = theirs[(theirs.status == "done") & (theirs.defense != BEFORE_DEFENSE)]
         theirs = theirs.merge(done[keys].drop_duplicates(), on=keys)
         frames.append(theirs.assign(defense=theirs.defense + f" [{other}]"))

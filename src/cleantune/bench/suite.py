@@ -95,6 +95,9 @@ class ScanSection(StrictModel):
     # Scan only the cells whose id contains one of these texts (as ``--only`` selects); none: every cell.
     # A scan at the default settings costs about as much as a MiniLM row: ablation rows may go without.
     cells: list[str] = Field(default_factory=list)
+    # Other suites whose scans before and after their defenses (readings with a threshold) this
+    # report gathers in one table: the scanner measured here, used on their poisoned models and products.
+    gather: list[str] = Field(default_factory=list)
 
     def readings(self) -> dict[str, Fragment]:
         """Each reading's column prefix and its full settings: the main one first."""
