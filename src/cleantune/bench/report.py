@@ -404,12 +404,16 @@ def verdict_line(scanned: pd.DataFrame, verdicts: pd.Series) -> list[str]:
     ]
 
 
+def reading_name(prefix: str) -> str:
+    """A reading's name from its column prefix (``scan_``: the main reading)."""
+    return prefix.removeprefix("scan_").strip("_") or "main reading"
+
+
 def reading_lines(scan: ScanSection, done: pd.DataFrame, prefix: str) -> list[str]:
     """One reading's results: its population measures (or, outside a population, its verdicts against
     the measured ASR), then each model's scan beside what was planted."""
     settings = ", ".join(f"{k} {v}" for k, v in scan.readings()[prefix].items()) or "defaults"
-    name = prefix.removeprefix("scan_").strip("_") or "main reading"
-    parts = [f"### {name} (settings: {settings})", ""]
+    parts = [f"### {reading_name(prefix)} (settings: {settings})", ""]
     if f"{prefix}score" not in done:
         return [*parts, "Not run yet.", ""]
     scanned = done[done[f"{prefix}score"].notna()]
@@ -462,8 +466,11 @@ def gathered_lines(suite: SuiteConfig, gather: list[str]) -> list[str]:
         for verdict in (c for c in theirs.columns if c.startswith("scan_") and c.endswith("_verdict")):
             prefix = verdict.removesuffix("verdict")
             rows = before_after(theirs[theirs[verdict].notna()])
-            name = prefix.removeprefix("scan_").strip("_") or "main reading"
-            frames.append(rows.assign(suite=other, reading=name, score=rows[f"{prefix}score"], verdict=rows[verdict]))
+            frames.append(
+                rows.assign(
+                    suite=other, reading=reading_name(prefix), score=rows[f"{prefix}score"], verdict=rows[verdict]
+                )
+            )
     if not frames:
         return []
     rows = pd.concat(frames, ignore_index=True)
