@@ -430,7 +430,8 @@ def test_a_generative_population_is_measured_by_the_planted_behaviour_in_its_inv
 
 def test_a_reading_with_a_threshold_gives_each_scanned_model_a_verdict():
     done = pd.DataFrame(
-        {"cell": ["before", "after", "floor"], "n_poisoned": [150, 150, 0], "cacc": [80.0, 79.0, 85.0],
+        {"cell": ["before", "after", "floor"], "defense": ["vanilla", "muscle-lora", "vanilla"],
+         "n_poisoned": [150, 150, 0], "cacc": [80.0, 79.0, 85.0],
          "asr": [95.0, 20.0, 8.0], "scan_score": [60.0, 34.5, 40.0], "scan_s": [100] * 3,
          "scan_trigger": ["cf", "great\n-", "dull"], "scan_trigger_found": [True, False, False],
          "scan_target_found": [True, True, True], "scan_verdict": ["backdoored", "clean", "backdoored"]}

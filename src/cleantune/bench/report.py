@@ -384,8 +384,8 @@ def before_after(scanned: pd.DataFrame) -> pd.DataFrame:
     """Scanned rows grouped by the model a defense started from (a poisoned model's own row first,
     then the products trained from it or on the same poisoned data), so a scan reads before and after."""
     keys = [k for k in [*GROUP, "attack", "seed"] if k in scanned]
-    after = scanned.defense != BEFORE_DEFENSE if "defense" in scanned else pd.Series(True, index=scanned.index)
-    return scanned.assign(_after=after).sort_values([*keys, "_after"], kind="stable").drop(columns="_after")
+    ordered = scanned.assign(_after=scanned.defense != BEFORE_DEFENSE)
+    return ordered.sort_values([*keys, "_after"], kind="stable").drop(columns="_after")
 
 
 def verdict_line(scanned: pd.DataFrame, verdicts: pd.Series) -> list[str]:
