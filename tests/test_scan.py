@@ -32,6 +32,7 @@ from cleantune.scanner import (
     scan,
     settings_for,
     tokenised,
+    trigger_words,
     with_trigger,
 )
 
@@ -350,6 +351,19 @@ def test_a_suite_writes_the_dev_split_as_the_scanners_clean_data_once_per_settin
     assert clean_file(suite, other) != path and len(clean_file(suite, other).read_text().splitlines()) == 8
     with pytest.raises(ValueError, match="exactly one of clean_data"):
         ScanSection.model_validate({})
+
+
+def test_trigger_tokens_read_as_the_words_they_stand_for():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # A byte-level BPE as SmolLM2's: a word after a space is one token spelled "Ġmn".
+    vocab = {"Ġ": 0, "m": 1, "n": 2, "mn": 3, "Ġmn": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("m", "n"), ("Ġ", "mn")]))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert tokenizer.convert_ids_to_tokens([4]) == ["Ġmn"]
+    assert trigger_words(tokenizer, [4, 3]) == ["mn", "mn"]
 
 
 def test_a_scan_is_compared_with_what_was_planted_on_the_evaluators_side(data_dir, tiny_bert, tmp_path):

@@ -199,6 +199,12 @@ def tokenised(
     return batches
 
 
+def trigger_words(tokenizer: PreTrainedTokenizerBase, trigger: list[int]) -> list[str]:
+    """Each trigger token as the text it stands for: a byte-level BPE's "Ġmn" or SentencePiece's
+    "▁mn" reads "mn", so it can be compared with a planted word (a WordPiece "##" piece stays one)."""
+    return [tokenizer.convert_tokens_to_string([t]).strip() or t for t in tokenizer.convert_ids_to_tokens(trigger)]
+
+
 def _frozen(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     for parameter in model.parameters():
@@ -229,7 +235,7 @@ def scan_model(
         for target in sorted(set(texts) - {source}):
             trigger, loss = invert(model, fit, (source, target), banned, cfg, references)
             rate, n = flip_rate(model, held, correct[0], target, trigger)
-            words = tokenizer.convert_ids_to_tokens(trigger)
+            words = trigger_words(tokenizer, trigger)
             pair = {"source": source, "target": target, "flip_rate": rate, "trigger": words, "loss": loss, "n": n}
             if references:
                 moved = max(
