@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 from conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, run_tree
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from cleantune.api import purify
@@ -354,9 +356,6 @@ def test_a_suite_writes_the_dev_split_as_the_scanners_clean_data_once_per_settin
 
 
 def test_trigger_tokens_read_as_the_words_they_stand_for():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     # A byte-level BPE as SmolLM2's: a word after a space is one token spelled "Ġmn".
     vocab = {"Ġ": 0, "m": 1, "n": 2, "mn": 3, "Ġmn": 4}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[("m", "n"), ("Ġ", "mn")]))
