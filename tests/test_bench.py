@@ -362,7 +362,10 @@ def test_a_paper_suite_report_opens_with_its_protocol_then_the_papers_numbers(tm
         {"setting": "epochs", "paper": "20", "used": "20"},
         {"setting": "training set", "paper": "6,920", "used": "1,000", "why": "CPU time"},
     ]
-    paper = {"source": "Table 2, BERT, SST-2", "rows": {"lora": {"badnet": {"cacc": 92.0, "asr": 99.7}}}}
+    paper = [
+        {"source": "Table 2, BERT, SST-2", "rows": {"lora": {"badnet": {"cacc": 92.0, "asr": 99.7}}}},
+        {"source": "Table 7, other PEFT", "rows": {"ia3": {"badnet": {"asr": 1.0}}}, "beside": {"ia3": ["prompt"]}},
+    ]
     path = write_suite(tmp_path, data_dir, tiny_bert, protocol=protocol, paper=paper, description="settings")
     suite = load_suite(path)
     record = {"metrics": {"cacc": 80.5, "asr": 12.25}, "wall_s": 10.0, "trainable_params": 8, "train": {}}
@@ -370,16 +373,18 @@ def test_a_paper_suite_report_opens_with_its_protocol_then_the_papers_numbers(tm
     rows = [row_for(suite, c, record) for c in cells(suite)]
     pd.DataFrame(rows).to_csv(tmp_path / "results" / "tiny.csv", index=False)
     report = write_report(str(path))[0].read_text()
-    assert report.index("## Protocol") < report.index("## The paper's numbers") < report.index("settings")
+    first, second = report.index("(Table 2, BERT, SST-2)"), report.index("(Table 7, other PEFT)")
+    assert report.index("## Protocol") < first < second < report.index("settings")
     assert "| epochs | 20 | 20 | – |" in report and "| training set | 6,920 | 1,000 | CPU time |" in report
-    assert "| lora | 92.00 / 80.50 | 99.70 / 12.25 |" in report
+    assert "| lora | 92.00 / 80.50 | 99.70 / 12.25 |" in report[first:second]
+    assert "| ia3 (ours: prompt) | – / 80.50 | 1.00 / 12.25 |" in report[second:]
 
 
 def test_a_paper_row_can_stand_beside_several_of_the_suites_defenses(tmp_path, data_dir, tiny_bert):
-    paper = {
+    paper = [{
         "source": "Table 2", "rows": {"lora": {"badnet": {"cacc": 92.0, "asr": 99.7}}},
         "beside": {"lora": ["lora", "prompt"]},
-    }  # fmt: skip
+    }]  # fmt: skip
     path = write_suite(tmp_path, data_dir, tiny_bert, paper=paper)
     suite = load_suite(path)
     (tmp_path / "results").mkdir()
@@ -401,8 +406,8 @@ PAPER = {"source": "Table 2", "rows": {"lora": {"badnet": {"asr": 99.7}}}}
 @pytest.mark.parametrize(
     "extra, problem",
     [
-        ({"paper": {**PAPER, "beside": {"lora": ["lora", "dora"]}}}, "dora, not among the suite's defenses"),
-        ({"paper": {**PAPER, "beside": {"fft": ["fft"]}}}, "not one of the paper's rows"),
+        ({"paper": [{**PAPER, "beside": {"lora": ["lora", "dora"]}}]}, "dora, not among the suite's defenses"),
+        ({"paper": [PAPER, {**PAPER, "beside": {"fft": ["fft"]}}]}, "names 'fft', not one of that table's rows"),
         ({"open_readings": [{"point": "p", "readings": {"lora": "a", "dora": "b"}}]}, "'p' names dora, not among"),
     ],
 )

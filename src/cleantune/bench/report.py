@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from cleantune.bench.recheck import recheck_path  # noqa: E402
 from cleantune.bench.runner import read_results, results_path, runs_log_path  # noqa: E402
-from cleantune.bench.suite import BEFORE_DEFENSE, ScanSection, SuiteConfig, cells, load_suite, matches  # noqa: E402
+from cleantune.bench.suite import BEFORE_DEFENSE, PaperNumbers, ScanSection, SuiteConfig, cells, load_suite, matches  # noqa: E402
 from cleantune.errors import CleantuneError  # noqa: E402
 from cleantune.io import atomic_write_text, save_figure  # noqa: E402
 
@@ -559,20 +559,23 @@ def protocol_section(suite: SuiteConfig) -> list[str]:
 
 
 def paper_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
-    """The paper's numbers beside this suite's, per defense row the paper reports and per attack."""
-    if suite.paper is None:
-        return []
-    attacks = in_suite_order({a for row in suite.paper.rows.values() for a in row}, list(suite.attack))
+    """The paper's numbers beside this suite's, one table per paper table the suite names."""
+    return [line for table in suite.paper for line in paper_table(table, suite, done)]
+
+
+def paper_table(table: PaperNumbers, suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
+    """One paper table beside this suite's numbers, per defense row the paper reports and per attack."""
+    attacks = in_suite_order({a for row in table.rows.values() for a in row}, list(suite.attack))
     metrics = metric_columns(done) if not done.empty else CLASSIFICATION
     header = "| Defense | " + " | ".join(f"{a} {label} paper / ours" for a in attacks for label in metrics.values())
     lines = [
-        f"## The paper's numbers beside ours ({suite.paper.source})",
+        f"## The paper's numbers beside ours ({table.source})",
         "",
         header + " |",
         "|---|" + "---:|" * (len(attacks) * len(metrics)),
     ]
-    for row, by_attack in suite.paper.rows.items():
-        for defense in suite.paper.beside.get(row, [row]):
+    for row, by_attack in table.rows.items():
+        for defense in table.beside.get(row, [row]):
             cells = []
             for attack in attacks:
                 ours = done[(done.defense == defense) & (done.attack == attack)]

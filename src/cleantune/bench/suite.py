@@ -148,21 +148,22 @@ class SuiteConfig(StrictModel):
     # Suites whose results lie beside this one's and whose rows on the same poisoned models join this
     # report's tables, so a defense is read against baselines run elsewhere on the same models.
     compare_with: list[str] = Field(default_factory=list)
-    # A paper suite's report opens with these: its protocol, then the paper's numbers beside ours.
+    # A paper suite's report opens with these: its protocol, then the paper's numbers beside ours, one
+    # table per paper table the suite's rows reproduce (main results, ablations, other PEFT methods).
     protocol: list[ProtocolRow] = Field(default_factory=list)
-    paper: PaperNumbers | None = None
+    paper: list[PaperNumbers] = Field(default_factory=list)
     open_readings: list[OpenReading] = Field(default_factory=list)
     scan: ScanSection | None = None
 
     @model_validator(mode="after")
     def _sections_name_defenses(self) -> SuiteConfig:
-        """The report sections that name defenses (paper.beside, open_readings) name only the suite's."""
+        """The report sections that name defenses (paper beside, open_readings) name only the suite's."""
         named = {f"open reading '{r.point}'": list(r.readings) for r in self.open_readings}
-        if self.paper is not None:
-            for row, ours in self.paper.beside.items():
-                if row not in self.paper.rows:
-                    raise ValueError(f"paper.beside names '{row}', which is not one of the paper's rows")
-                named[f"paper.beside.{row}"] = ours
+        for table in self.paper:
+            for row, ours in table.beside.items():
+                if row not in table.rows:
+                    raise ValueError(f"paper ({table.source}) beside names '{row}', not one of that table's rows")
+                named[f"paper ({table.source}) beside '{row}'"] = ours
         for where, names in named.items():
             unknown = [name for name in names if name not in self.defense]
             if unknown:
