@@ -422,12 +422,18 @@ def test_open_readings_are_compared_over_the_attacks_every_reading_finished(tmp_
     path = write_suite(tmp_path, data_dir, tiny_bert, attack=attacks, seeds=[1, 2], open_readings=readings)
     suite = load_suite(path)
     asr = {("lora", 1): 10.0, ("lora", 2): 20.0, ("prompt", 1): 40.0, ("prompt", 2): 40.0}
-    record = {"wall_s": 1.0, "trainable_params": 8, "train": {}}
+    # Clean dev data prefers the reading that keeps more backdoor: the two picks must differ.
+    dev = {"lora": 0.70, "prompt": 0.75}
     rows = [
         row_for(
             suite,
             c,
-            {**record, "metrics": {"cacc": 80.0 + c.coords["seed"], "asr": asr[c.coords["defense"], c.coords["seed"]]}},
+            {
+                "wall_s": 1.0,
+                "trainable_params": 8,
+                "train": {"best_dev_accuracy": dev[c.coords["defense"]]},
+                "metrics": {"cacc": 80.0 + c.coords["seed"], "asr": asr[c.coords["defense"], c.coords["seed"]]},
+            },
         )
         for c in cells(suite)
         if c.coords["defense"] != "fft" and not (c.coords["defense"] == "prompt" and c.coords["attack"] == "second")
@@ -442,10 +448,11 @@ def test_open_readings_are_compared_over_the_attacks_every_reading_finished(tmp_
     section = write_report(str(path))[0].read_text().split("## Open readings")[1]
     assert "Not all under the same library releases (torch 2 for the rest): prompt on first under torch 1." in section
     # Seeds are averaged; "second" is left out because the prompt reading has no row on it.
-    assert "| weights | lora | 81.50 | 15.00 | 81.50 | 15.00 |" in section
-    assert "| outputs | prompt | 81.50 | 40.00 | 81.50 | 40.00 |" in section
-    assert "second" not in section.split("Lowest")[0]
-    assert "Lowest mean ASR: weights (CACC 81.50, ASR 15.00); highest mean CACC: weights" in section
+    assert "| weights | lora | 81.50 | 15.00 | 81.50 | 15.00 | 70.00 |" in section
+    assert "| outputs | prompt | 81.50 | 40.00 | 81.50 | 40.00 | 75.00 |" in section
+    assert "second" not in section.split("Chosen")[0]
+    picks = "Chosen on clean dev data: outputs (CACC 81.50, ASR 40.00, clean dev 75.00); lowest mean ASR: weights"
+    assert picks in section
     assert "over first." in section
 
 

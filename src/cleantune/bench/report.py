@@ -590,7 +590,8 @@ def paper_table(table: PaperNumbers, suite: SuiteConfig, done: pd.DataFrame) -> 
 
 def open_readings_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     """Each open point's readings side by side, averaged over the attacks every reading has finished
-    (seeds averaged first), naming the reading of lowest mean ASR (and of highest mean CACC)."""
+    (seeds averaged first), naming the reading of lowest mean ASR (and of highest mean CACC), and,
+    where every row recorded a clean dev accuracy, the reading of the highest."""
     if not suite.open_readings or done.empty:
         return []
     lines = ["## Open readings", ""]
@@ -600,7 +601,10 @@ def open_readings_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
             index=done.index,
         )
         metrics = metric_columns(done[keep])
-        means = done[keep].groupby(["defense", "attack"])[list(metrics)].mean()
+        shown = dict(metrics)
+        if "dev_accuracy" in done and done.loc[keep, "dev_accuracy"].notna().all():
+            shown["dev_accuracy"] = "clean dev ↑"
+        means = done[keep].groupby(["defense", "attack"])[list(shown)].mean()
         finished = [{a for d, a in means.index if d == defense} for defense in point.readings]
         attacks = in_suite_order(set.intersection(*finished), list(suite.attack))
         where = ", ".join(f"{key} {value}" for key, value in point.match.items())
@@ -609,24 +613,27 @@ def open_readings_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
             lines += ["No attack has a finished row for every reading yet.", ""]
             continue
         header = "| Reading | Defense | " + " | ".join(f"{a} {label}" for a in attacks for label in metrics.values())
-        header += "".join(f" | mean {label.split()[0]}" for label in metrics.values())
-        lines += [header + " |", "|---|---|" + "---:|" * (len(metrics) * (len(attacks) + 1))]
+        header += "".join(f" | mean {label.rstrip(' ↑↓')}" for label in shown.values())
+        lines += [header + " |", "|---|---|" + "---:|" * (len(metrics) * len(attacks) + len(shown))]
         overall = {}
         for defense, reading in point.readings.items():
             rows = means.loc[defense].loc[attacks]
             overall[reading] = rows.mean()
-            cells = [f"{rows[m][a]:.2f}" for a in attacks for m in metrics] + [f"{rows[m].mean():.2f}" for m in metrics]
+            cells = [f"{rows[m][a]:.2f}" for a in attacks for m in metrics] + [f"{rows[m].mean():.2f}" for m in shown]
             lines.append(f"| {reading} | {defense} | " + " | ".join(cells) + " |")
-        named = [("Lowest mean ASR", min(overall, key=lambda r: overall[r].asr))]
+        named = [("lowest mean ASR", min(overall, key=lambda r: overall[r].asr))]
         if "cacc" in metrics:
             named.append(("highest mean CACC", max(overall, key=lambda r: overall[r].cacc)))
+        if "dev_accuracy" in shown:  # the pick the rule for a free setting allows: it sees no triggered data
+            named.insert(0, ("chosen on clean dev data", max(overall, key=lambda r: overall[r].dev_accuracy)))
         verdicts = [
             f"{what}: {reading} ("
-            + ", ".join(f"{metrics[m].split()[0]} {overall[reading][m]:.2f}" for m in metrics)
+            + ", ".join(f"{shown[m].rstrip(' ↑↓')} {overall[reading][m]:.2f}" for m in shown)
             + ")"
             for what, reading in named
         ]
-        lines += ["", "; ".join(verdicts) + f"; over {', '.join(attacks)}.", ""]
+        verdict = "; ".join(verdicts) + f"; over {', '.join(attacks)}."
+        lines += ["", verdict[0].upper() + verdict[1:], ""]
         lines += mixed_releases(done[keep & done.attack.isin(attacks)])
     return lines
 
