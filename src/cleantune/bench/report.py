@@ -613,7 +613,8 @@ def open_readings_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
             lines += ["No attack has a finished row for every reading yet.", ""]
             continue
         header = "| Reading | Defense | " + " | ".join(f"{a} {label}" for a in attacks for label in metrics.values())
-        header += "".join(f" | mean {label.rstrip(' ↑↓')}" for label in shown.values())
+        names = {m: label.rstrip(" ↑↓") for m, label in shown.items()}  # labels without their arrows
+        header += "".join(f" | mean {name}" for name in names.values())
         lines += [header + " |", "|---|---|" + "---:|" * (len(metrics) * len(attacks) + len(shown))]
         overall = {}
         for defense, reading in point.readings.items():
@@ -627,9 +628,7 @@ def open_readings_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
         if "dev_accuracy" in shown:  # the pick the rule for a free setting allows: it sees no triggered data
             named.insert(0, ("chosen on clean dev data", max(overall, key=lambda r: overall[r].dev_accuracy)))
         verdicts = [
-            f"{what}: {reading} ("
-            + ", ".join(f"{shown[m].rstrip(' ↑↓')} {overall[reading][m]:.2f}" for m in shown)
-            + ")"
+            f"{what}: {reading} (" + ", ".join(f"{name} {overall[reading][m]:.2f}" for m, name in names.items()) + ")"
             for what, reading in named
         ]
         verdict = "; ".join(verdicts) + f"; over {', '.join(attacks)}."
