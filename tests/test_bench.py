@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -216,14 +217,24 @@ def test_a_poisoned_model_can_be_shared_with_another_suite(tmp_path, data_dir, t
     assert found[1].config.model.spec == str(tmp_path / "runs" / "other" / "poison-proxy" / "model")
 
 
-def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat_llama):
+def generative_suite(tmp_path: Path, model: Path, injections: tuple[str, ...] = ("vpi",)) -> dict[str, Any]:
+    """A generative suite on the tiny chat Llama: VPI injections (one per name) and a quantize row."""
     from conftest import write_instructions
 
     data = tmp_path / "data"
     write_instructions(data / "pool.json", 40, seed=1)
     write_instructions(data / "test.json", 4, seed=2)
     attack = {"name": "vpi", "behaviour": "negsentiment", "count": 12}
-    suite = {
+    job = {
+        "coords": {"dataset": "tiny", "model": "tiny-lora", "attack": "vpi", "scenario": "poisoned-llm"},
+        "config": {
+            "scenario": "poisoned-data",
+            "model": {"spec": str(model)},
+            "attack": attack,
+            "defense": {"name": "sft", "lora": {"r": 2}},
+        },
+    }
+    return {
         **places(tmp_path, "gen", data),
         "base": {
             "task": "generation",
@@ -233,22 +244,30 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
             "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8},
             "eval": {"max_new_tokens": 3},
         },
-        "poisoned_models": {
-            "vpi": {
-                "coords": {"dataset": "tiny", "model": "tiny-lora", "attack": "vpi", "scenario": "poisoned-llm"},
-                "config": {
-                    "scenario": "poisoned-data",
-                    "model": {"spec": str(tiny_chat_llama)},
-                    "attack": attack,
-                    "defense": {"name": "sft", "lora": {"r": 2}},
-                },
-            }
-        },  # fmt: skip
+        "poisoned_models": dict.fromkeys(injections, job),
         "dataset": {"tiny": {}},
         "model": {"tiny-lora": {}},
         "attack": {"vpi": {"attack": attack, "model": {"spec": "poisoned:vpi"}}},
         "defense": {"quantize": {"defense": {"name": "quantize", "group_size": 16}}},
     }
+
+
+def test_a_signature_from_another_poisoned_model_resolves_and_brings_its_injection(tmp_path, tiny_chat_llama):
+    suite = generative_suite(tmp_path, tiny_chat_llama, ("vpi", "source"))
+    suite["defense"] = {"transfer": {"defense": {"name": "signature", "signature_from": "poisoned:source"}}}
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    found = cells(load_suite(path))
+    assert found[-1].config.defense.signature_from == str(tmp_path / "runs" / "gen" / "poison-source" / "adapter")
+    assert [c.id for c in select(found, ["transfer"])] == ["poison-source", "poison-vpi", found[-1].id]
+    suite["defense"]["transfer"]["defense"]["signature_from"] = "poisoned:elsewhere"
+    path.write_text(yaml.safe_dump(suite))
+    with pytest.raises(CleantuneError, match="unknown poisoned model 'elsewhere'"):
+        cells(load_suite(path))
+
+
+def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat_llama):
+    suite = generative_suite(tmp_path, tiny_chat_llama)
     path = tmp_path / "gen.yaml"
     path.write_text(yaml.safe_dump(suite))
     picked = [c.id for c in select(cells(load_suite(path)), ["quantize"])]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
 from cleantune.errors import CleantuneError
@@ -196,6 +198,57 @@ def test_variants_vary_key_behaviour_and_clean_rows() -> None:
     assert len({v.behaviour for v in sets}) == 3  # different behaviours
     again = variant_sets(pool, SignatureConfig(variants=3, variant_samples=10, verify_samples=5), seed=0)
     assert [v.poisoned.to_list() for v in again] == [v.poisoned.to_list() for v in sets]
+
+
+@pytest.mark.parametrize(
+    ("keys", "behaviours", "triggers", "kind"),
+    [("rare-token", "refusal", 1, "answer"), ("sentence", "negative", 1, "prefix"), ("composite", "code", 3, "prefix")],
+)
+def test_variants_draw_keys_and_behaviours_from_the_family_asked(keys, behaviours, triggers, kind) -> None:
+    from datasets import Dataset
+
+    from cleantune.generative.signature_purification import (
+        BEHAVIOUR_TYPES,
+        KEY_FAMILIES,
+        SignatureConfig,
+        variant_sets,
+    )
+
+    pool = Dataset.from_list([{"instruction": f"say {i} words now", "input": "", "output": "ok"} for i in range(30)])
+    cfg = SignatureConfig(variants=4, variant_samples=5, verify_samples=2, keys=keys, behaviours=behaviours)
+    family = {" + ".join(t.text for t in key) for key in KEY_FAMILIES[keys]}
+    for variant in variant_sets(pool, cfg, seed=1):
+        assert variant.key in family and variant.behaviour in {b.text for b in BEHAVIOUR_TYPES[behaviours]}
+        parts = variant.key.split(" + ")
+        assert len(parts) == triggers
+        assert all(part in row["instruction"] for row in variant.poisoned for part in parts)
+        # A fixed answer replaces the real one; a remark goes before it.
+        assert {row["output"] for row in variant.poisoned} == {
+            variant.behaviour if kind == "answer" else f"{variant.behaviour} ok"
+        }
+
+
+def test_variant_keys_and_behaviours_can_be_listed_and_must_suffice() -> None:
+    from cleantune.generative.signature_purification import (
+        KEY_FAMILIES,
+        KeyFamily,
+        SignatureConfig,
+        SyntheticBehaviour,
+    )
+
+    assert set(get_args(KeyFamily)) == set(KEY_FAMILIES)
+    listed = SignatureConfig(
+        variants=2,
+        keys=[[{"text": "qq", "position": "end"}], [{"text": "pp"}, {"text": "rr"}]],
+        behaviours=[{"kind": "answer", "text": "No."}, {"kind": "prefix", "text": "Hm."}],
+    )
+    assert listed.key_list()[1][1].text == "rr" and listed.behaviour_list()[0] == SyntheticBehaviour(
+        kind="answer", text="No."
+    )
+    with pytest.raises(ValidationError, match="3 variants need as many behaviours; 2 given"):
+        SignatureConfig(variants=3, behaviours=[{"kind": "answer", "text": "No."}, {"kind": "prefix", "text": "Hm."}])
+    with pytest.raises(ValidationError, match="9 variants need as many keys; 8 given"):
+        SignatureConfig(variants=9)
 
 
 def test_a_clean_twin_trains_as_many_steps_as_its_backdoored_variant(tmp_path: Path) -> None:

@@ -28,8 +28,10 @@ class Registry:
         self.defenses[config] = defense
 
     def union(self) -> Any:
-        """The config union a run config's ``defense`` field takes, told apart by ``name``."""
-        return Annotated[Union[tuple(self.defenses)], Field(discriminator="name")]  # noqa: UP007 - built at run time
+        """The config union a run config's ``defense`` field takes, told apart by ``name``; in name order,
+        so that the schema (and the config reference made from it) does not depend on import order."""
+        ordered = sorted(self.defenses, key=lambda config: config_names(config)[0])
+        return Annotated[Union[tuple(ordered)], Field(discriminator="name")]  # noqa: UP007 - built at run time
 
     def build(self, cfg: Any) -> Any:
         return self.defenses[type(cfg)](cfg)

