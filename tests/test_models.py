@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -100,3 +101,11 @@ def test_only_a_fresh_head_draws_random_numbers_when_a_classifier_loads(tiny_lla
     loaded.tokenizer.save_pretrained(tmp_path)
     assert fresh_head_draws
     assert not draws(tmp_path)[1]
+
+
+def test_an_adapter_that_names_no_base_model_is_refused(tmp_path: Path):
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": 2}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # never read: the config is refused first
+    with pytest.raises(CleantuneError, match=r"adapter_config.json: base_model_name_or_path is empty"):
+        load_model(str(tmp_path))

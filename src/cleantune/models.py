@@ -163,6 +163,8 @@ def _load_adapter(path: Path, num_labels: int | None, allow_pickle: bool) -> Loa
 
     check_weights_are_safe(path, allow_pickle)
     base_spec = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    if not base_spec:  # peft >= 0.22 types it as optional: an adapter may not say what it adapts
+        raise CleantuneError(f"{path / 'adapter_config.json'}: base_model_name_or_path is empty; name the base model")
     base = load_model(base_spec, num_labels=num_labels, allow_pickle=allow_pickle)
     model = PeftModel.from_pretrained(base.model, path, use_safetensors=not allow_pickle)
     pad_for_embedded_prompts(model, base.tokenizer)
