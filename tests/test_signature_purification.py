@@ -230,13 +230,16 @@ def test_variants_draw_keys_and_behaviours_from_the_family_asked(keys, behaviour
 
 def test_variant_keys_and_behaviours_can_be_listed_and_must_suffice() -> None:
     from cleantune.generative.signature_purification import (
+        BEHAVIOUR_TYPES,
         KEY_FAMILIES,
+        BehaviourType,
         KeyFamily,
         SignatureConfig,
         SyntheticBehaviour,
     )
 
-    assert set(get_args(KeyFamily)) == set(KEY_FAMILIES)
+    # The names a config accepts are the presets there are, both ways.
+    assert set(get_args(KeyFamily)) == set(KEY_FAMILIES) and set(get_args(BehaviourType)) == set(BEHAVIOUR_TYPES)
     listed = SignatureConfig(
         variants=2,
         keys=[[{"text": "qq", "position": "end"}], [{"text": "pp"}, {"text": "rr"}]],
