@@ -10,11 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from conftest import write_instructions
 from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
 
+from cleantune.cli import app
 from cleantune.config import validate
 from cleantune.dispatch import evaluate, run
 from cleantune.errors import CleantuneError
@@ -293,6 +296,17 @@ def _tree(tiny_chat_llama: Path, tmp_path: Path, **sections) -> dict:
     }
     tree.update(sections)
     return tree
+
+
+def test_a_run_without_evaluation_says_so_instead_of_printing_an_empty_table(
+    tiny_chat_llama: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_tree(tiny_chat_llama, tmp_path, eval={"enabled": False})))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "trained, not evaluated" in result.stdout and "ASR" not in result.stdout
+    assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_backdoor_then_defend_end_to_end(tiny_chat_llama: Path, tmp_path: Path) -> None:

@@ -146,6 +146,8 @@ def run(config: ConfigArg = None, set_: SetOpt = None, force: ForceOpt = False) 
         rows = {f"{cfg.defense.under.name} (undefended)": reference, cfg.defense.name: record["metrics"]}
         show_table(f"{cfg.name}: {attack} attack", rows)
         results().print(verdict(reference, record["metrics"], cfg.defense.name), highlight=False)
+    elif not record["metrics"]:  # eval.enabled false: only the product matters (a signature variant)
+        results().print(f"{cfg.name}: trained, not evaluated (eval.enabled is false)", highlight=False)
     else:
         show_metrics(f"{cfg.name}: {attack} attack, {cfg.defense.name} defense", record["metrics"])
     console.print(f"run directory: {cfg.run_dir}")
