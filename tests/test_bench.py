@@ -260,6 +260,7 @@ def test_a_signature_from_another_poisoned_model_resolves_and_brings_its_injecti
     found = cells(load_suite(path))
     assert found[-1].config.defense.signature_from == str(tmp_path / "runs" / "gen" / "poison-source" / "adapter")
     assert [c.id for c in select(found, ["transfer"])] == ["poison-source", "poison-vpi", found[-1].id]
+    assert [c.id for c in select(found, ["poison-source"])] == ["poison-source"]  # a job alone, by its id
     suite["defense"]["transfer"]["defense"]["signature_from"] = "poisoned:elsewhere"
     path.write_text(yaml.safe_dump(suite))
     with pytest.raises(CleantuneError, match="unknown poisoned model 'elsewhere'"):

@@ -389,7 +389,8 @@ def bench(
     only: Annotated[
         list[str] | None,
         typer.Option(
-            help="Run only cells whose id contains this text (repeat for several), and the poisoned models they use."
+            help="Run only cells whose id contains this text (repeat for several), and the poisoned models they use; "
+            "poison-NAME runs that poisoned-model job alone."
         ),
     ] = None,
     recheck: Annotated[

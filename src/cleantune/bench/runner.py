@@ -160,13 +160,18 @@ def strings(value: Any) -> set[str]:
 
 
 def select(all_cells: list[Cell], only: list[str] | None) -> list[Cell]:
-    """Cells whose id contains any text in ``only``, and the poisoned-model jobs those cells load."""
+    """Cells whose id contains any text in ``only``, and the poisoned-model jobs those cells load or
+    ``only`` names (``poison-NAME`` picks that job alone)."""
     if not only:
         return all_cells
     chosen = [c for c in all_cells if not c.poisons and named(c.id, only)]
     used = set().union(*(strings(c.config.model_dump(mode="json")) for c in chosen))  # model.spec, signature_from
     products = ("model", "adapter")  # a poisoned model, or the adapter of a generative injection
-    jobs = [c for c in all_cells if c.poisons and any(str(c.config.run_dir / p) in used for p in products)]
+    jobs = [
+        c
+        for c in all_cells
+        if c.poisons and (named(c.id, only) or any(str(c.config.run_dir / p) in used for p in products))
+    ]
     return jobs + chosen
 
 
