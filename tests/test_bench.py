@@ -278,7 +278,19 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
     assert set(table.defense) == {"before defense", "quantize"}
     assert table["ftr"].notna().all() and table["ppl"].notna().all() and table["cacc"].isna().all()
     text = write_report(str(path))[0].read_text()
-    assert "vpi false-trigger ↓" in text and "| quantize |" in text
+    assert "vpi false-trigger ↓" in text and "| quantize |" in text and "## Where the backdoor lives" not in text
+
+    # Sanity checks saved beside the results join the report, their edits in the order measured.
+    rows = [
+        {"edit": "poisoned update", "asr": 90.0, "ftr": 5.0},
+        {"edit": "without MLP update", "asr": 10.0, "ftr": 0.0},
+    ]
+    record = {"model": "poison-vpi/adapter", "base": None, "layers": 2, "blocks": [1], "results": rows}
+    (tmp_path / "results" / "gen.sanity" / "vpi").mkdir(parents=True)
+    (tmp_path / "results" / "gen.sanity" / "vpi" / "sanity.json").write_text(json.dumps(record))
+    section = write_report(str(path))[0].read_text().split("## Where the backdoor lives")[1]
+    assert "### poison-vpi/adapter" in section and "2 blocks, spans of 1." in section
+    assert section.index("| poisoned update | 90.0 | 5.0 |") < section.index("| without MLP update | 10.0 | 0.0 |")
 
     # Another suite's rows on the same poisoned model join the table; its rows on other models do not.
     other = table[table.defense == "quantize"].assign(suite="base", defense="prune")

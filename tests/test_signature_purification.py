@@ -332,12 +332,14 @@ def test_sanity_plans_edit_the_poisoned_update_as_table_1(tiny_chat_llama: Path)
 
         return {"mlp": shift(lambda x: x.mlp.up_proj.weight), "attn": shift(lambda x: x.self_attn.q_proj.weight)}
 
-    seen = run_sanity(update, block=1, seed=0, measure=measure)
+    seen = run_sanity(update, blocks=[1, 2, 1], seed=0, measure=measure)
+    assert len(seen) == 3 + 2 * 2 + 2 + 1  # spans of 1 (two) and of 2 (one), each without MLP / both
     assert seen["poisoned update"] == {"mlp": [1, 2], "attn": [10, 10]}
     assert seen["without attention update"] == {"mlp": [1, 2], "attn": [0, 0]}
     assert seen["without MLP update"] == {"mlp": [0, 0], "attn": [10, 10]}
     assert seen["without MLP update, blocks 1-1"] == {"mlp": [1, 0], "attn": [10, 10]}
     assert seen["without MLP and attention update, blocks 0-0"] == {"mlp": [0, 2], "attn": [0, 10]}
+    assert seen["without MLP update, blocks 0-1"] == {"mlp": [0, 0], "attn": [10, 10]}
     assert sorted(seen["MLP updates shuffled across blocks"]["mlp"]) == [1, 2]
     assert measure() == seen["poisoned update"]  # the model is left as it came
 
@@ -357,11 +359,12 @@ def test_the_sanity_command_writes_table_1_for_an_adapter(tiny_chat_llama: Path,
     config = tmp_path / "gen.yaml"
     config.write_text(json.dumps(tree))
     result = CliRunner().invoke(
-        app, ["analyze", "sanity", adapter, str(config), "--block", "1", "--out", str(tmp_path / "s")]
+        app, ["analyze", "sanity", adapter, str(config), "--block", "1", "--block", "2", "--out", str(tmp_path / "s")]
     )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "s" / "sanity.json").read_text())["results"]
-    assert len(rows) == 3 + 2 * 2 + 1 and all(0 <= r["asr"] <= 100 for r in rows.values())
+    assert len(rows) == 3 + 2 * 2 + 2 + 1 and all(0 <= r["asr"] <= 100 for r in rows)
+    assert rows[0]["edit"] == "poisoned update" and rows[-1]["edit"] == "MLP updates shuffled across blocks"
     assert "| without MLP update |" in (tmp_path / "s" / "sanity.md").read_text()
 
 

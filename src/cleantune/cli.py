@@ -487,7 +487,10 @@ def analyze_sanity(
     config: Annotated[Path, typer.Argument(help="A task: generation config naming the attack and prompts.")],
     set_: SetOpt = None,
     base: Annotated[str | None, typer.Option(help="The model a full backdoored model was fine-tuned from.")] = None,
-    block: Annotated[int, typer.Option(min=1, help="How many consecutive blocks the block ablations remove.")] = 4,
+    block: Annotated[
+        list[int] | None,
+        typer.Option(min=1, help="How many consecutive blocks the block ablations remove (repeat for several)."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Where sanity.json and sanity.md go.")] = Path("sanity"),
 ) -> None:
     """Where the backdoor lives (signature purification, Table 1): ASR with parts of the poisoned update removed."""
@@ -497,7 +500,7 @@ def analyze_sanity(
     cfg = any_config(config, set_)
     if isinstance(cfg, RunConfig):
         raise CleantuneError("the sanity checks take a generative config (task: generation)")
-    for name, result in analyze(cfg, model, base, block, out).items():
+    for name, result in analyze(cfg, model, base, block or [4], out).items():
         console.print(f"{name}: ASR {result['asr']:.1f} %, false-trigger {result['ftr']:.1f} %")
     console.print(f"wrote {out / 'sanity.md'}")
 

@@ -219,6 +219,28 @@ def fourier_section(suite: SuiteConfig, done: pd.DataFrame) -> list[str]:
     ]
 
 
+def sanity_section(suite: SuiteConfig) -> list[str]:
+    """The sanity checks (`cleantune analyze sanity`) saved under ``<results>/<suite>.sanity``."""
+    from cleantune.generative.sanity import sanity_table
+    from cleantune.io import read_json
+
+    found = sorted((suite.results_dir / f"{suite.suite}.sanity").rglob("sanity.json"))
+    if not found:
+        return []
+    lines = [
+        "## Where the backdoor lives",
+        "",
+        "The signature paper's sanity checks (Table 1): ASR and false-trigger rate of the backdoored model "
+        "rebuilt as its base plus its poisoned update with parts of that update removed or shuffled. "
+        "Evaluator-side: they use the trigger.",
+        "",
+    ]
+    for path in found:
+        record = read_json(path)
+        lines += [f"### {record['model']}", "", *sanity_table(record)]
+    return lines
+
+
 DATA_LEVEL = {
     "rejected_test": "clean test rejected %",
     "rejected_test_poison": "triggered test rejected %",
@@ -704,7 +726,7 @@ def write_report(name: str) -> tuple[Path, list[str]]:
         ]
     parts += open_readings_section(suite, done)
     parts += data_level_section(done) + loss_terms_section(done) + recorded_section(done) + libraries_section(done)
-    parts += fourier_section(suite, done) + cost_section(suite) + scan_section(suite, done)
+    parts += fourier_section(suite, done) + sanity_section(suite) + cost_section(suite) + scan_section(suite, done)
     parts += recheck_section(suite)
     failed = table[table.status == "failed"]
     if not failed.empty:

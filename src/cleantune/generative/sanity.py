@@ -10,7 +10,7 @@ and with the MLP updates shuffled across blocks. Evaluator-side analysis: it use
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,8 +61,9 @@ class PoisonedUpdate:
                 module.weight.copy_(self.base[layer][part][k] + update)
 
 
-def sanity_plans(layers: int, block: int, seed: int) -> dict[str, Callable[[Plan], Plan]]:
-    """Table 1's rows as edits of the identity plan."""
+def sanity_plans(layers: int, blocks: Sequence[int], seed: int) -> dict[str, Callable[[Plan], Plan]]:
+    """Table 1's rows as edits of the identity plan, with the span rows for each size in ``blocks``
+    (a span two sizes share is one row)."""
 
     def without(part: Part, span: range) -> Callable[[Plan], Plan]:
         return lambda plan: plan | {(i, part): None for i in span}
@@ -78,22 +79,23 @@ def sanity_plans(layers: int, block: int, seed: int) -> dict[str, Callable[[Plan
         "without attention update": without("attn", everything),
         "without MLP update": without("mlp", everything),
     }
-    for start in sorted({0, (layers - block) // 2, layers - block}):
-        span = range(start, start + block)
-        rows[f"without MLP update, blocks {span.start}-{span.stop - 1}"] = without("mlp", span)
-        rows[f"without MLP and attention update, blocks {span.start}-{span.stop - 1}"] = without_both(span)
+    for block in blocks:
+        for start in sorted({0, (layers - block) // 2, layers - block}):
+            span = range(start, start + block)
+            rows[f"without MLP update, blocks {span.start}-{span.stop - 1}"] = without("mlp", span)
+            rows[f"without MLP and attention update, blocks {span.start}-{span.stop - 1}"] = without_both(span)
     rows["MLP updates shuffled across blocks"] = lambda plan: plan | {(i, "mlp"): order[i] for i in everything}
     return rows
 
 
 def run_sanity(
-    update: PoisonedUpdate, block: int, seed: int, measure: Callable[[], dict[str, Any]]
+    update: PoisonedUpdate, blocks: Sequence[int], seed: int, measure: Callable[[], dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     """Apply each row's edit, measure, and leave the model as it came."""
-    block = max(1, min(block, update.num_layers))
+    sizes = sorted({max(1, min(block, update.num_layers)) for block in blocks})
     results = {}
     try:
-        for name, edit in sanity_plans(update.num_layers, block, seed).items():
+        for name, edit in sanity_plans(update.num_layers, sizes, seed).items():
             update.apply(edit(update.identity()))
             results[name] = measure()
     finally:
@@ -101,7 +103,7 @@ def run_sanity(
     return results
 
 
-def analyze(cfg: Any, spec: str, base_spec: str | None, block: int, out: Path) -> dict[str, dict[str, Any]]:
+def analyze(cfg: Any, spec: str, base_spec: str | None, blocks: Sequence[int], out: Path) -> dict[str, dict[str, Any]]:
     """Table 1 for the model or adapter ``spec`` on the prompts and attack of the generative ``cfg``;
     writes ``sanity.json`` and ``sanity.md`` to ``out``."""
     from peft import PeftModel
@@ -132,10 +134,18 @@ def analyze(cfg: Any, spec: str, base_spec: str | None, block: int, out: Path) -
         )  # fmt: skip
         return {k: metrics[k] for k in ("asr", "ftr")}
 
-    results = run_sanity(update, block, cfg.seed, measure)
-    lines = [f"# Sanity checks (Table 1): {spec}", "", f"{update.num_layers} blocks, spans of {block}.", ""]
-    lines += ["| edit of the poisoned update | ASR % | false-trigger % |", "|---|---:|---:|"]
-    lines += [f"| {name} | {r['asr']:.1f} | {r['ftr']:.1f} |" for name, r in results.items()]
-    atomic_write_json(out / "sanity.json", {"model": spec, "base": base_spec, "block": block, "results": results})
-    atomic_write_text(out / "sanity.md", "\n".join(lines) + "\n")
+    results = run_sanity(update, blocks, cfg.seed, measure)
+    rows = [{"edit": name, **result} for name, result in results.items()]  # a list keeps Table 1's order
+    record = {"model": spec, "base": base_spec, "layers": update.num_layers, "blocks": list(blocks), "results": rows}
+    atomic_write_json(out / "sanity.json", record)
+    atomic_write_text(out / "sanity.md", "\n".join([f"# Sanity checks (Table 1): {spec}", "", *sanity_table(record)]))
     return results
+
+
+def sanity_table(record: dict[str, Any]) -> list[str]:
+    """What ``sanity.json`` holds as Markdown lines: the span sizes, then a row per edit."""
+    sizes = ", ".join(map(str, record["blocks"]))
+    lines = [f"{record['layers']} blocks, spans of {sizes}.", ""]
+    lines += ["| edit of the poisoned update | ASR % | false-trigger % |", "|---|---:|---:|"]
+    lines += [f"| {r['edit']} | {r['asr']:.1f} | {r['ftr']:.1f} |" for r in record["results"]]
+    return [*lines, ""]
