@@ -362,6 +362,7 @@ def test_the_sanity_command_writes_table_1_for_an_adapter(tiny_chat_llama: Path,
         app, ["analyze", "sanity", adapter, str(config), "--block", "1", "--block", "2", "--out", str(tmp_path / "s")]
     )
     assert result.exit_code == 0, result.output
+    assert "without MLP update, blocks 0-1: asr" in result.output  # each edit shown as it is measured
     rows = json.loads((tmp_path / "s" / "sanity.json").read_text())["results"]
     assert len(rows) == 3 + 2 * 2 + 2 + 1 and all(0 <= r["asr"] <= 100 for r in rows)
     assert rows[0]["edit"] == "poisoned update" and rows[-1]["edit"] == "MLP updates shuffled across blocks"

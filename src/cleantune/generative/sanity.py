@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from cleantune.errors import CleantuneError
 from cleantune.generative.base import decoder_layers
@@ -91,13 +92,17 @@ def sanity_plans(layers: int, blocks: Sequence[int], seed: int) -> dict[str, Cal
 def run_sanity(
     update: PoisonedUpdate, blocks: Sequence[int], seed: int, measure: Callable[[], dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
-    """Apply each row's edit, measure, and leave the model as it came."""
+    """Apply each row's edit, measure, and leave the model as it came; a bar counts the edits and each
+    result is printed as it comes (a run with several span sizes takes an hour on a CPU)."""
     sizes = sorted({max(1, min(block, update.num_layers)) for block in blocks})
+    plans = sanity_plans(update.num_layers, sizes, seed)
     results = {}
     try:
-        for name, edit in sanity_plans(update.num_layers, sizes, seed).items():
+        for name, edit in tqdm(plans.items(), desc="sanity checks", total=len(plans)):
             update.apply(edit(update.identity()))
             results[name] = measure()
+            shown = (f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in results[name].items())
+            tqdm.write(f"{name}: {', '.join(shown)}")
     finally:
         update.apply(update.identity())
     return results
