@@ -291,6 +291,11 @@ def test_a_generative_suite_injects_then_defends_and_reports(tmp_path, tiny_chat
     section = write_report(str(path))[0].read_text().split("## Where the backdoor lives")[1]
     assert "### poison-vpi/adapter" in section and "2 blocks, spans of 1." in section
     assert section.index("| poisoned update | 90.0 | 5.0 |") < section.index("| without MLP update | 10.0 | 0.0 |")
+    old = {"model": "old/adapter", "base": None, "block": 4, "results": {"poisoned update": {"asr": 1.0, "ftr": 0.0}}}
+    (tmp_path / "results" / "gen.sanity" / "old").mkdir()
+    (tmp_path / "results" / "gen.sanity" / "old" / "sanity.json").write_text(json.dumps(old))
+    section = write_report(str(path))[0].read_text().split("## Where the backdoor lives")[1]
+    assert "predates the ordered form" in section and "| poisoned update | 90.0 | 5.0 |" in section
 
     # Another suite's rows on the same poisoned model join the table; its rows on other models do not.
     other = table[table.defense == "quantize"].assign(suite="base", defense="prune")
