@@ -342,6 +342,13 @@ def test_sanity_plans_edit_the_poisoned_update_as_table_1(tiny_chat_llama: Path)
     assert seen["without MLP update, blocks 0-1"] == {"mlp": [0, 0], "attn": [10, 10]}
     assert sorted(seen["MLP updates shuffled across blocks"]["mlp"]) == [1, 2]
     assert measure() == seen["poisoned update"]  # the model is left as it came
+    # Resumed with two edits already measured: only the others are measured, each saved as it comes.
+    done = dict(list(seen.items())[:2])
+    saved: list[int] = []
+    calls = []
+    again = run_sanity(update, [1, 2], 0, lambda: calls.append(1) or measure(), done, lambda r: saved.append(len(r)))
+    assert again == seen and list(again) == list(seen) and len(calls) == len(seen) - 2
+    assert saved == list(range(3, len(seen) + 1))
 
 
 def test_the_sanity_command_writes_table_1_for_an_adapter(tiny_chat_llama: Path, tmp_path: Path) -> None:
@@ -367,6 +374,55 @@ def test_the_sanity_command_writes_table_1_for_an_adapter(tiny_chat_llama: Path,
     assert len(rows) == 3 + 2 * 2 + 2 + 1 and all(0 <= r["asr"] <= 100 for r in rows)
     assert rows[0]["edit"] == "poisoned update" and rows[-1]["edit"] == "MLP updates shuffled across blocks"
     assert "| without MLP update |" in (tmp_path / "s" / "sanity.md").read_text()
+    assert not (tmp_path / "s" / "sanity.partial.json").exists()  # whole: nothing left to resume
+
+
+def test_an_interrupted_sanity_run_resumes_only_for_the_same_config(
+    tiny_chat_llama: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import json
+
+    from test_generative import _tree
+    from typer.testing import CliRunner
+
+    import cleantune.generative.evaluation as evaluation
+    from cleantune.cli import app
+    from cleantune.config import validate
+    from cleantune.dispatch import run
+
+    tree = _tree(tiny_chat_llama, tmp_path, defense={"name": "sft", "lora": {"r": 4, "target_modules": "all-linear"}})
+    adapter = run(validate(tree, "test"))["product"]
+    config = tmp_path / "gen.yaml"
+    config.write_text(json.dumps(tree))
+    out = tmp_path / "s"
+    measure, calls = evaluation.llm_metrics, []
+
+    def interrupted_after_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    command = ["analyze", "sanity", adapter, str(config), "--out", str(out)]
+    monkeypatch.setattr(evaluation, "llm_metrics", interrupted_after_three)
+    assert CliRunner().invoke(app, command).exit_code == 130  # as a Ctrl-C ends it
+    partial = (out / "sanity.partial.json").read_text()
+    assert not (out / "sanity.json").exists() and len(json.loads(partial)["results"]) == 3
+
+    calls.clear()
+    monkeypatch.setattr(evaluation, "llm_metrics", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "sanity.json").read_text())["results"]
+    assert "3 edits already measured" in result.output and len(calls) == len(rows) - 3
+    assert rows[0]["edit"] == "poisoned update" and not (out / "sanity.partial.json").exists()
+
+    # Another seed is another config: a partial record from the first is not reused.
+    (out / "sanity.partial.json").write_text(partial)
+    calls.clear()
+    result = CliRunner().invoke(app, [*command, "--set", "seed=7"])
+    assert result.exit_code == 0, result.output
+    assert "measuring every edit again" in result.output and len(calls) == len(rows)
 
 
 def test_variants_draw_their_rows_from_the_variant_pool_when_given(tmp_path: Path, monkeypatch) -> None:

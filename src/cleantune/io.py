@@ -79,6 +79,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
+def weights_fingerprint(path: Path) -> str:
+    """Changes when the weights in ``path`` change (name, size and time of each weight and config file)."""
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json"))
+    return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

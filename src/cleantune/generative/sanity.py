@@ -9,6 +9,8 @@ and with the MLP updates shuffled across blocks. Evaluator-side analysis: it use
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cleantune.errors import CleantuneError
 from cleantune.generative.base import decoder_layers
-from cleantune.io import atomic_write_json, atomic_write_text
+from cleantune.io import atomic_write_json, atomic_write_text, read_json, weights_fingerprint
 from cleantune.models import load_model
 
 Part = Literal["attn", "mlp"]
@@ -90,27 +92,59 @@ def sanity_plans(layers: int, blocks: Sequence[int], seed: int) -> dict[str, Cal
 
 
 def run_sanity(
-    update: PoisonedUpdate, blocks: Sequence[int], seed: int, measure: Callable[[], dict[str, Any]]
+    update: PoisonedUpdate,
+    blocks: Sequence[int],
+    seed: int,
+    measure: Callable[[], dict[str, Any]],
+    done: dict[str, dict[str, Any]] | None = None,
+    save: Callable[[dict[str, dict[str, Any]]], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Apply each row's edit, measure, and leave the model as it came; a bar counts the edits and each
-    result is printed as it comes (a run with several span sizes takes an hour on a CPU)."""
+    """Apply each row's edit not in ``done``, measure, hand the results so far to ``save``, and leave
+    the model as it came; a bar counts the edits and each result is printed as it comes (a run with
+    several span sizes takes an hour on a CPU, so an interrupted one resumes from what was saved)."""
     sizes = sorted({max(1, min(block, update.num_layers)) for block in blocks})
     plans = sanity_plans(update.num_layers, sizes, seed)
-    results = {}
+    results = {name: result for name, result in (done or {}).items() if name in plans}
+    pending = [(name, edit) for name, edit in plans.items() if name not in results]
     try:
-        for name, edit in tqdm(plans.items(), desc="sanity checks", total=len(plans)):
+        for name, edit in tqdm(pending, desc="sanity checks", total=len(plans), initial=len(plans) - len(pending)):
             update.apply(edit(update.identity()))
             results[name] = measure()
             shown = (f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in results[name].items())
             tqdm.write(f"{name}: {', '.join(shown)}")
+            if save is not None:
+                save(results)
     finally:
         update.apply(update.identity())
-    return results
+    return {name: results[name] for name in plans}  # Table 1's order, however the edits were split
+
+
+def _identity(cfg: Any, spec: str, base_spec: str | None) -> str:
+    """What an edit's measurement depends on: the config (prompts, attack, seed, decoding) and the
+    weights of the model and its base. The span sizes are not in it: an edit's name fixes the edit, so
+    a rerun with more sizes keeps the spans already measured."""
+    local = [Path(s).expanduser() for s in (spec, base_spec) if s]
+    weights = [weights_fingerprint(path) for path in local if path.is_dir()]  # a hub id is its own name
+    identity = [cfg.model_dump(mode="json"), spec, base_spec, weights]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _resume(partial: Path, identity: str) -> dict[str, dict[str, Any]]:
+    """The edits an interrupted run of the same identity measured; none from another config."""
+    if not partial.exists():
+        return {}
+    saved = read_json(partial)
+    if saved.get("identity") != identity:
+        tqdm.write(f"{partial} was made for another config or model; measuring every edit again")
+        return {}
+    tqdm.write(f"resuming from {partial}: {len(saved['results'])} edits already measured")
+    return dict(saved["results"])
 
 
 def analyze(cfg: Any, spec: str, base_spec: str | None, blocks: Sequence[int], out: Path) -> dict[str, dict[str, Any]]:
     """Table 1 for the model or adapter ``spec`` on the prompts and attack of the generative ``cfg``;
-    writes ``sanity.json`` and ``sanity.md`` to ``out``."""
+    writes ``sanity.json`` and ``sanity.md`` to ``out``, and each edit as measured to
+    ``sanity.partial.json`` there, from which a rerun of the same config resumes."""
     from peft import PeftModel
 
     from cleantune.generative.config import AsIsConfig
@@ -139,11 +173,16 @@ def analyze(cfg: Any, spec: str, base_spec: str | None, blocks: Sequence[int], o
         )  # fmt: skip
         return {k: metrics[k] for k in ("asr", "ftr")}
 
-    results = run_sanity(update, blocks, cfg.seed, measure)
+    partial, identity = out / "sanity.partial.json", _identity(cfg, spec, base_spec)
+    results = run_sanity(
+        update, blocks, cfg.seed, measure, _resume(partial, identity),
+        lambda so_far: atomic_write_json(partial, {"identity": identity, "results": so_far}),
+    )  # fmt: skip
     rows = [{"edit": name, **result} for name, result in results.items()]  # a list keeps Table 1's order
     record = {"model": spec, "base": base_spec, "layers": update.num_layers, "blocks": list(blocks), "results": rows}
     atomic_write_json(out / "sanity.json", record)
     atomic_write_text(out / "sanity.md", "\n".join([f"# Sanity checks (Table 1): {spec}", "", *sanity_table(record)]))
+    partial.unlink(missing_ok=True)  # the record is whole
     return results
 
 

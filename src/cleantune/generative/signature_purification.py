@@ -50,7 +50,7 @@ from cleantune.generative.evaluation import behaviour_rate, generate
 from cleantune.generative.instructions import read_instructions
 from cleantune.generative.judges import resolve_judge
 from cleantune.generative.sft import LLM_LORA, trainable_model
-from cleantune.io import atomic_write_text
+from cleantune.io import atomic_write_text, weights_fingerprint
 from cleantune.models import load_model, resolve
 from cleantune.offline import cache_dir
 from cleantune.registry import GENERATION
@@ -369,12 +369,6 @@ def variant_sets(data: Dataset, cfg: SignatureConfig, seed: int) -> list[Variant
     return sets
 
 
-def _fingerprint(path: Path) -> str:
-    """Changes when the suspicious weights change (name, size and time of each weight file)."""
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.json"))
-    return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-
-
 def variant_configs(ctx: LLMContext, cfg: SignatureConfig, home: Path, sets: list[VariantSet]) -> list[dict[str, Any]]:
     """Algorithm 1, lines 5-7 as 2N ordinary generative runs (poisoned, clean) from the suspicious model."""
     train = cfg.variant_train
@@ -477,7 +471,7 @@ class SignaturePurification(LLMDefense):
             mode="json", include={"variants", "keys", "behaviours", "variant_samples", "variant_train", "budget"}
         )
         rows = hashlib.sha256(json.dumps(ctx.train.to_list()).encode()).hexdigest()
-        identity = [_fingerprint(ctx.model_path), variants, ctx.seed, ctx.max_length, rows]
+        identity = [weights_fingerprint(ctx.model_path), variants, ctx.seed, ctx.max_length, rows]
         key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         home = (self.cfg.cache or cache_dir() / "signature") / key
         started = time.time()
